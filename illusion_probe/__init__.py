@@ -1,0 +1,89 @@
+"""illusion-probe: does a simplified explanation of a model still hold off the training distribution?
+
+Public API re-exports only. Names load lazily on first access, so
+``import illusion_probe`` imports neither torch nor TransformerLens nor plotly,
+and has no side effects.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # errors
+    "IllusionProbeError": "illusion_probe.errors",
+    "ArtifactError": "illusion_probe.errors",
+    # tasks
+    "Split": "illusion_probe.tasks.base",
+    "SplitSet": "illusion_probe.tasks.base",
+    "Task": "illusion_probe.tasks.base",
+    "DyckConfig": "illusion_probe.tasks.dyck",
+    "DyckTask": "illusion_probe.tasks.dyck",
+    "CodeConfig": "illusion_probe.tasks.code",
+    "CodeTask": "illusion_probe.tasks.code",
+    # models, training, checkpoints
+    "ModelConfig": "illusion_probe.models",
+    "ModelSizes": "illusion_probe.models",
+    "build_model": "illusion_probe.models",
+    "available_backends": "illusion_probe.models",
+    "resolve_hook_name": "illusion_probe.hook_names",
+    "TrainConfig": "illusion_probe.training",
+    "train": "illusion_probe.training",
+    "save_checkpoint": "illusion_probe.checkpoint",
+    "load_checkpoint": "illusion_probe.checkpoint",
+    # simplifiers and proxies
+    "Simplifier": "illusion_probe.simplify.base",
+    "PCA": "illusion_probe.simplify.pca",
+    "SVD": "illusion_probe.simplify.pca",
+    "KMeans": "illusion_probe.simplify.kmeans",
+    "OneHotAttention": "illusion_probe.simplify.attention",
+    "ZeroAblation": "illusion_probe.simplify.ablation",
+    "MeanAblation": "illusion_probe.simplify.ablation",
+    "collect_activations": "illusion_probe.simplify.collect",
+    "Proxy": "illusion_probe.simplify.proxy",
+    "fit_proxy": "illusion_probe.simplify.proxy",
+    # evaluation and report
+    "evaluate": "illusion_probe.evaluate",
+    "sweep": "illusion_probe.evaluate",
+    "Results": "illusion_probe.results",
+    "write_report": "illusion_probe.report.html",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'illusion_probe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
+    from illusion_probe.checkpoint import load_checkpoint, save_checkpoint
+    from illusion_probe.errors import ArtifactError, IllusionProbeError
+    from illusion_probe.evaluate import evaluate, sweep
+    from illusion_probe.hook_names import resolve_hook_name
+    from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
+    from illusion_probe.report.html import write_report
+    from illusion_probe.results import Results
+    from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
+    from illusion_probe.simplify.attention import OneHotAttention
+    from illusion_probe.simplify.base import Simplifier
+    from illusion_probe.simplify.collect import collect_activations
+    from illusion_probe.simplify.kmeans import KMeans
+    from illusion_probe.simplify.pca import PCA, SVD
+    from illusion_probe.simplify.proxy import Proxy, fit_proxy
+    from illusion_probe.tasks.base import Split, SplitSet, Task
+    from illusion_probe.tasks.code import CodeConfig, CodeTask
+    from illusion_probe.tasks.dyck import DyckConfig, DyckTask
+    from illusion_probe.training import TrainConfig, train

@@ -1,0 +1,232 @@
+"""What every task hands the rest of the pipeline: splits of scored token sequences.
+
+A :class:`Split` is a padded batch of token sequences plus which positions are
+scored (``eval_mask``), the correct next token there (``targets``), and
+whatever per-position labels the task offers (Dyck ``depth``, code category
+masks). A :class:`SplitSet` maps split names to splits; a :class:`Task` owns
+the vocabulary, the sizes a model needs, and deterministic split generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from illusion_probe.errors import IllusionProbeError, require
+
+Role = Literal["train", "id", "ood"]
+ROLES: tuple[str, ...] = ("train", "id", "ood")
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """A named batch of padded sequences and the positions on which it is scored.
+
+    Attributes:
+        name: split name (``"train"``, ``"test"``, ``"ood_*"``, or the user's own).
+        role: ``"train"`` (fit and train here), ``"id"`` (held-out in distribution) or ``"ood"``.
+        tokens: ``[n, pos]`` token ids, right-padded with ``pad_id``.
+        eval_mask: ``[n, pos]`` True where the prediction of the *next* token is scored.
+        targets: ``[n, pos]`` the correct next token where ``eval_mask`` (``pad_id`` or 0 elsewhere).
+        real_mask: ``[n, pos]`` True on real (non-pad) tokens.
+        labels: per-position label tensors, each ``[n, pos]`` (e.g. ``depth``).
+        meta: JSON-serialisable facts about how the split was made.
+    """
+
+    name: str
+    role: Role
+    tokens: Int[Tensor, "n pos"]
+    eval_mask: Bool[Tensor, "n pos"]
+    targets: Int[Tensor, "n pos"]
+    real_mask: Bool[Tensor, "n pos"]
+    labels: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.role in ROLES, f"split {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        require(self.tokens.ndim == 2, f"split {self.name!r}: tokens must be [n, pos], got shape {tuple(self.tokens.shape)}")
+        for label, tensor in {"eval_mask": self.eval_mask, "targets": self.targets, "real_mask": self.real_mask,
+                              **self.labels}.items():
+            require(
+                tuple(tensor.shape) == tuple(self.tokens.shape),
+                f"split {self.name!r}: {label} has shape {tuple(tensor.shape)}, tokens {tuple(self.tokens.shape)}",
+            )
+        require(self.eval_mask.dtype == torch.bool, f"split {self.name!r}: eval_mask must be bool")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def lengths(self) -> Int[Tensor, " n"]:
+        """Number of real tokens in each sequence."""
+        return self.real_mask.sum(dim=1)
+
+    @property
+    def lm_mask(self) -> Bool[Tensor, "n pos"]:
+        """Positions whose next token is real: where a language-model loss applies."""
+        mask = torch.zeros_like(self.real_mask)
+        mask[:, :-1] = self.real_mask[:, :-1] & self.real_mask[:, 1:]
+        return mask
+
+    @property
+    def n_scored(self) -> int:
+        """Number of scored positions."""
+        return int(self.eval_mask.sum())
+
+    def select(self, index: Tensor | slice) -> Split:
+        """The sequences at ``index`` (a slice, index tensor or boolean mask), trimmed of all-pad columns."""
+        width = int(self.real_mask[index].sum(dim=1).max()) if len(self.tokens[index]) else 0
+        cut = slice(None, max(width, 1))
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[index][:, cut],
+            eval_mask=self.eval_mask[index][:, cut],
+            targets=self.targets[index][:, cut],
+            real_mask=self.real_mask[index][:, cut],
+            labels={k: v[index][:, cut] for k, v in self.labels.items()},
+        )
+
+    def head(self, n: int) -> Split:
+        """The first ``n`` sequences (all of them if there are fewer)."""
+        return self.select(slice(0, n))
+
+    def batches(self, batch_size: int) -> Iterator[Split]:
+        """Consecutive sub-splits of at most ``batch_size`` sequences."""
+        require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self.select(slice(start, start + batch_size))
+
+    def to(self, device: str | torch.device) -> Split:
+        """The same split with every tensor on ``device``."""
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens.to(device),
+            eval_mask=self.eval_mask.to(device),
+            targets=self.targets.to(device),
+            real_mask=self.real_mask.to(device),
+            labels={k: v.to(device) for k, v in self.labels.items()},
+        )
+
+    @classmethod
+    def from_tokens(
+        cls, tokens: Tensor, role: Role, name: str = "custom", pad_id: int | None = None
+    ) -> Split:
+        """A plain next-token split: every real position followed by a real token is scored.
+
+        Args:
+            tokens: ``[n, pos]`` integer token ids, right-padded with ``pad_id`` if given.
+            role: ``"train"``, ``"id"`` or ``"ood"``.
+            name: split name used in results.
+            pad_id: padding id, or ``None`` when every token is real.
+        """
+        if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise IllusionProbeError("Split.from_tokens: tokens must be an integer tensor of shape [n, pos]")
+        require(tokens.ndim == 2 and tokens.shape[1] >= 2,
+                f"Split.from_tokens: tokens must be [n, pos] with pos >= 2, got shape {tuple(tokens.shape)}")
+        tokens = tokens.long()
+        real = torch.ones_like(tokens, dtype=torch.bool) if pad_id is None else tokens != pad_id
+        eval_mask = torch.zeros_like(real)
+        eval_mask[:, :-1] = real[:, :-1] & real[:, 1:]
+        targets = torch.full_like(tokens, 0 if pad_id is None else pad_id)
+        targets[:, :-1] = torch.where(eval_mask[:, :-1], tokens[:, 1:], targets[:, :-1])
+        require(bool(eval_mask.any()), f"Split.from_tokens: split {name!r} has no scored positions")
+        return cls(name=name, role=role, tokens=tokens, eval_mask=eval_mask, targets=targets, real_mask=real)
+
+
+class SplitSet(Mapping[str, Split]):
+    """Named splits in a fixed order: ``train`` first, then ``test``, then the ``ood_*`` splits."""
+
+    def __init__(self, splits: Mapping[str, Split] | list[Split]):
+        items = list(splits.values()) if isinstance(splits, Mapping) else list(splits)
+        require(len(items) > 0, "SplitSet needs at least one split")
+        self._splits: dict[str, Split] = {}
+        for split in items:
+            require(split.name not in self._splits, f"SplitSet: split name {split.name!r} given twice")
+            self._splits[split.name] = split
+
+    def __getitem__(self, name: str) -> Split:
+        if name not in self._splits:
+            raise IllusionProbeError(f"no split named {name!r}; available: {', '.join(self._splits)}")
+        return self._splits[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._splits)
+
+    def __len__(self) -> int:
+        return len(self._splits)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{s.name}[{s.role}]: {len(s)}x{s.tokens.shape[1]}" for s in self._splits.values())
+        return f"SplitSet({inner})"
+
+    def by_role(self, role: Role) -> list[Split]:
+        """Splits whose role is ``role``, in order."""
+        return [s for s in self._splits.values() if s.role == role]
+
+    @property
+    def max_len(self) -> int:
+        """The longest sequence in any split."""
+        return max(int(s.lengths.max()) for s in self._splits.values())
+
+
+class Task(ABC):
+    """A sequence task: vocabulary, model sizes, scored positions and split generation.
+
+    Subclasses set ``kind`` (the name used in checkpoints) and ``config`` (a frozen dataclass).
+    """
+
+    kind: ClassVar[str]
+    config: Any
+
+    @property
+    @abstractmethod
+    def vocab(self) -> list[str]:
+        """Token strings, indexed by token id."""
+
+    @property
+    @abstractmethod
+    def n_ctx(self) -> int:
+        """The longest sequence any split of this task can hold: the model's context length."""
+
+    @property
+    @abstractmethod
+    def answer_ids(self) -> Int[Tensor, " n_answers"]:
+        """Token ids among which a prediction is scored (argmax is taken over these)."""
+
+    @property
+    @abstractmethod
+    def pad_id(self) -> int:
+        """Padding token id."""
+
+    @abstractmethod
+    def encode(self, text: str) -> Int[Tensor, " pos"]:
+        """Token ids of ``text``."""
+
+    @abstractmethod
+    def decode(self, ids: Tensor | list[int]) -> str:
+        """Text of token ids."""
+
+    @abstractmethod
+    def make_splits(self, seed: int = 0) -> SplitSet:
+        """Deterministic, disjoint ``train``, ``test`` and ``ood_*`` splits for ``seed``."""
+
+    @property
+    def d_vocab(self) -> int:
+        """Vocabulary size, including special tokens."""
+        return len(self.vocab)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description from which :func:`task_from_dict` rebuilds the task."""
+        return {"kind": self.kind, "config": dataclasses.asdict(self.config)}
+
+    @classmethod
+    @abstractmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> Task:
+        """Rebuild the task from the ``config`` part of :meth:`to_dict`."""
