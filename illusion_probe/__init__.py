@@ -8,7 +8,7 @@ and has no side effects.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -67,23 +67,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return __all__
 
-
-if TYPE_CHECKING:  # pragma: no cover - static analysers see the real names
-    from illusion_probe.checkpoint import load_checkpoint, save_checkpoint
-    from illusion_probe.errors import ArtifactError, IllusionProbeError
-    from illusion_probe.evaluate import evaluate, sweep
-    from illusion_probe.hook_names import resolve_hook_name
-    from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
-    from illusion_probe.report.html import write_report
-    from illusion_probe.results import Results
-    from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
-    from illusion_probe.simplify.attention import OneHotAttention
-    from illusion_probe.simplify.base import Simplifier
-    from illusion_probe.simplify.collect import collect_activations
-    from illusion_probe.simplify.kmeans import KMeans
-    from illusion_probe.simplify.pca import PCA, SVD
-    from illusion_probe.simplify.proxy import Proxy, fit_proxy
-    from illusion_probe.tasks.base import Split, SplitSet, Task
-    from illusion_probe.tasks.code import CodeConfig, CodeTask
-    from illusion_probe.tasks.dyck import DyckConfig, DyckTask
-    from illusion_probe.training import TrainConfig, train
