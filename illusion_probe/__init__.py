@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "fit_proxy": "illusion_probe.simplify.proxy",
     # evaluation and report
     "evaluate": "illusion_probe.evaluate",
-    "sweep": "illusion_probe.evaluate",
+    "sweep": "illusion_probe.sweep",
     "Results": "illusion_probe.results",
     "write_report": "illusion_probe.report.html",
 }

@@ -16,11 +16,12 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from illusion_probe.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_FILE = "metadata.json"
 

@@ -1,14 +1,17 @@
-"""The ``illusion-probe`` command line: a thin layer over the Python API."""
+"""The ``illusion-probe`` command line: a thin layer over :mod:`illusion_probe.pipeline`."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from illusion_probe.errors import IllusionProbeError
+from illusion_probe.errors import IllusionProbeError, require
 
 Command = Callable[[argparse.Namespace], int]
+TASKS = ("dyck", "code")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -21,6 +24,84 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace):
+    """``(prepared run, seed)`` for every requested seed; each seed gets ``OUT/seed_N`` when there are several."""
+    from illusion_probe.pipeline import load_preset, prepare
+
+    require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
+    run = load_preset(args.task, args.preset)
+    out = Path(args.out)
+    return [prepare(run, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed)
+            for seed in range(args.seeds)]
+
+
+def _fmt(value: float | None) -> str:
+    return "   –  " if value is None or not math.isfinite(value) else f"{value:6.4f}"
+
+
+def print_summary(results, out: Path) -> None:
+    """The headline table: per method, the smallest size at 99% test agreement and its OOD agreement."""
+    ood = [s for s in results.splits if results.select(split=s, role="ood")]
+    header = f"{'proxy':<44} {'test':>6} " + " ".join(f"{s[:18]:>18}" for s in ood)
+    print(header)
+    print("-" * len(header))
+    rows = [row["proxy"] for row in results.headline()]
+    rows += list(dict.fromkeys(r.proxy for r in results.records if r.size is None))
+    for proxy in rows:
+        values = [results.value("test", proxy, "agreement")] + [results.value(s, proxy, "agreement") for s in ood]
+        print(f"{proxy[:44]:<44} {_fmt(values[0])} " + " ".join(f"{_fmt(v):>18}" for v in values[1:]))
+    accuracy = [results.value(s, rows[0], "acc_model") for s in ["test", *ood]] if rows else []
+    if accuracy:
+        print(f"{'model accuracy':<44} {_fmt(accuracy[0])} " + " ".join(f"{_fmt(v):>18}" for v in accuracy[1:]))
+    print(f"(agreement with the model; report: {out / 'report.html'})")
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from illusion_probe.pipeline import probe, trained_model
+
+    for prep in _runs(args):
+        model, info = trained_model(prep)
+        print_summary(probe(prep, model, info), prep.out)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from illusion_probe.pipeline import trained_model
+
+    for prep in _runs(args):
+        _, info = trained_model(prep)
+        print(f"checkpoint: {prep.out / 'checkpoint'} (trained in {info.get('train_seconds', 0)} s)")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from illusion_probe.pipeline import probe, trained_model
+
+    for prep in _runs(args):
+        model, info = trained_model(prep, allow_training=False)
+        print_summary(probe(prep, model, info), prep.out)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from illusion_probe.report.html import write_report
+    from illusion_probe.results import Results
+
+    results = Results.from_json(args.results)
+    out = Path(args.out) if args.out else Path(args.results).with_name("report.html")
+    write_report(results, out)
+    print(f"report: {out}")
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", choices=TASKS, help="which study to run")
+    parser.add_argument("--preset", default="quick", help="named preset: quick (CPU minutes), paper, tiny (smoke test)")
+    parser.add_argument("--out", default="runs/latest", help="run directory (finished stages in it are reused)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1, each in OUT/seed_N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -28,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure how faithful simplified proxies of a transformer stay off the training distribution.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, run, text in [
+        ("reproduce", _reproduce, "train, fit proxies, evaluate every split and write the report"),
+        ("train", _train, "train (or reuse) the model only"),
+        ("probe", _probe, "fit proxies and evaluate a model trained by `train`"),
+    ]:
+        sub = commands.add_parser(name, help=text, description=text)
+        _add_run_options(sub)
+        sub.set_defaults(run=run)
+    report = commands.add_parser("report", help="rebuild report.html from a results.json")
+    report.add_argument("results", help="path to results.json")
+    report.add_argument("--out", default=None, help="where to write the HTML (default: beside results.json)")
+    report.set_defaults(run=_report)
     info = commands.add_parser("info", help="print package, TransformerLens and torch versions and usable backends")
     info.set_defaults(run=_info)
     return parser

@@ -1,0 +1,372 @@
+"""Faithfulness of simplified proxies to the original model, split by split.
+
+For each batch of a split the clean model runs once; its logits, the residual
+stream entering the earliest hooked layer, and the attention patterns that
+``attn_agreement`` needs are kept. Each proxy then reruns only the layers from
+its first hooked block on (TransformerLens ``start_at_layer``; a full pass where
+a backend lacks it). Per-sequence sums of every metric feed one sequence-level
+bootstrap per split (:mod:`illusion_probe.stats`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from illusion_probe import stats
+from illusion_probe.errors import IllusionProbeError, require
+from illusion_probe.hook_names import is_attention_pattern, is_per_head, layer_of
+from illusion_probe.models import model_backend
+from illusion_probe.provenance import provenance
+from illusion_probe.results import Gap, Record, Results
+from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
+from illusion_probe.simplify.proxy import Proxy, fit_proxy
+from illusion_probe.tasks.base import Split, SplitSet, Task
+
+ABLATIONS = ("mean", "zero")
+POSITION_METRICS = ("acc_model", "acc_proxy", "agreement", "kl")
+
+
+@dataclass
+class _Sums:
+    """Per-sequence sums for one (split, proxy); lists of per-batch arrays, concatenated at the end."""
+
+    by_category: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    by_hook: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    @staticmethod
+    def _concat(table: dict[str, dict[str, list[np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+        return {key: {name: np.concatenate(parts) for name, parts in inner.items()} for key, inner in table.items()}
+
+    def categories(self) -> dict[str, dict[str, np.ndarray]]:
+        return self._concat(self.by_category)
+
+    def hooks(self) -> dict[str, dict[str, np.ndarray]]:
+        return self._concat(self.by_hook)
+
+
+def _to_numpy(x: Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _predict(logits: Float[Tensor, "... vocab"], answer_ids: Int[Tensor, " n_answers"]) -> Int[Tensor, "..."]:
+    """Argmax over the task's answer tokens, as token ids."""
+    return answer_ids[logits[..., answer_ids].argmax(dim=-1)]
+
+
+def _categories(split: Split) -> dict[str, Bool[Tensor, "n pos"]]:
+    """``all`` plus every boolean per-position label of the split, restricted to scored positions."""
+    masks = {"all": split.eval_mask}
+    for name, label in split.labels.items():
+        if label.dtype == torch.bool:
+            masks[name] = split.eval_mask & label
+    return masks
+
+
+def _proxy_method(proxy: Proxy) -> tuple[str, int | None]:
+    methods = {s.method for s in proxy.simplifiers.values()}
+    sizes = {s.size for s in proxy.simplifiers.values()}
+    return (methods.pop() if len(methods) == 1 else "mixed"), (sizes.pop() if len(sizes) == 1 else None)
+
+
+def _start_layer(hooks: list[str]) -> int | None:
+    layers = [layer_of(h) for h in hooks]
+    return None if any(layer is None for layer in layers) else min(layers)  # type: ignore[type-var]
+
+
+def _attention_layers(hooks: list[str]) -> list[int]:
+    """Layers whose attention pattern a proxy changes directly (q, k or pattern hooks)."""
+    layers = set()
+    for hook in hooks:
+        if is_attention_pattern(hook) or (is_per_head(hook) and any(t in hook for t in ("hook_q", "hook_k", ".q.", ".k."))):
+            layers.add(layer_of(hook))
+    return sorted(layer for layer in layers if layer is not None)
+
+
+class _Runner:
+    """Runs a model from a cached clean prefix, falling back to full passes where unsupported."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.prefix_ok: dict[int, bool] = {}
+
+    def clean(self, tokens: Tensor, layers: set[int], patterns: set[int]) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+        resid: dict[int, Tensor] = {}
+        pattern: dict[int, Tensor] = {}
+        hooks = [(f"blocks.{L}.hook_resid_pre", self._store(resid, L)) for L in sorted(layers)]
+        hooks += [(f"blocks.{L}.attn.hook_pattern", self._store(pattern, L)) for L in sorted(patterns)]
+        with self.model.hooks(fwd_hooks=hooks):
+            logits = self.model(tokens)
+        for layer in layers:
+            if layer not in self.prefix_ok:
+                self.prefix_ok[layer] = self._prefix_matches(resid[layer], layer, logits)
+        return logits, resid, pattern
+
+    @staticmethod
+    def _store(sink: dict[int, Tensor], layer: int):
+        def hook(act: Tensor, hook) -> None:  # noqa: ARG001 - TransformerLens calls hook(act, hook=...)
+            sink[layer] = act.detach()
+        return hook
+
+    def _prefix_matches(self, resid: Tensor, layer: int, logits: Tensor) -> bool:
+        try:
+            rerun = self.model(resid, start_at_layer=layer)
+        except (NotImplementedError, TypeError, ValueError, RuntimeError):
+            return False
+        return rerun.shape == logits.shape and torch.allclose(rerun, logits, atol=1e-4, rtol=1e-4)
+
+    def run(self, tokens: Tensor, resid: dict[int, Tensor], start: int | None, hooks: list) -> Tensor:
+        with self.model.hooks(fwd_hooks=hooks):
+            if start is not None and self.prefix_ok.get(start):
+                return self.model(resid[start], start_at_layer=start)
+            return self.model(tokens)
+
+
+def _recording(fn, sink: dict[str, tuple[Tensor, Tensor]], name: str):
+    """Wrap a hook function so its input and output are kept for explained variance."""
+    def hook(act: Tensor, hook):
+        out = fn(act, hook=hook)
+        sink[name] = (act.detach(), out.detach())
+        return out
+    return hook
+
+
+def _capture_patterns(layers: list[int], sink: dict[int, Tensor]) -> list:
+    return [(f"blocks.{L}.attn.hook_pattern", _Runner._store(sink, L)) for L in layers]
+
+
+def _position_terms(
+    clean: Tensor, proxied: Tensor, ablated: Tensor, targets: Tensor, answer_ids: Tensor
+) -> dict[str, Tensor]:
+    """Per-position metric terms ``[batch, pos]`` from three logit tensors."""
+    logp_model = F.log_softmax(clean.float(), dim=-1)
+    logp_proxy = F.log_softmax(proxied.float(), dim=-1)
+    logp_ablated = F.log_softmax(ablated.float(), dim=-1)
+    pred_model, pred_proxy = _predict(clean, answer_ids), _predict(proxied, answer_ids)
+    index = targets.unsqueeze(-1)
+    return {
+        "acc_model": (pred_model == targets).double(),
+        "acc_proxy": (pred_proxy == targets).double(),
+        "agreement": (pred_proxy == pred_model).double(),
+        "kl": (logp_model.exp() * (logp_model - logp_proxy)).sum(-1).double(),
+        "ce_model": -logp_model.gather(-1, index).squeeze(-1).double(),
+        "ce_proxy": -logp_proxy.gather(-1, index).squeeze(-1).double(),
+        "ce_ablated": -logp_ablated.gather(-1, index).squeeze(-1).double(),
+    }
+
+
+def _ev_terms(act: Tensor, out: Tensor, real: Tensor) -> dict[str, np.ndarray]:
+    """Per-sequence sums of ||x - x_hat||^2, ||x||^2, x and the token count over real positions."""
+    x = act.flatten(start_dim=2).double() * real[..., None]
+    x_hat = out.flatten(start_dim=2).double() * real[..., None]
+    return {
+        "err": _to_numpy(((x - x_hat) ** 2).sum(dim=(1, 2))),
+        "sq": _to_numpy((x**2).sum(dim=(1, 2))),
+        "total": _to_numpy(x.sum(dim=1)),
+        "count": _to_numpy(real.sum(dim=1)),
+    }
+
+
+def _attn_terms(clean: Tensor, proxied: Tensor, real: Tensor) -> dict[str, np.ndarray]:
+    """Per-sequence sums of argmax agreement of attention rows ``[batch, head, query, key]`` at real queries."""
+    same = (clean.argmax(-1) == proxied.argmax(-1)) & real[:, None, :]
+    return {"num": _to_numpy(same.sum(dim=(1, 2))), "den": _to_numpy(real.sum(dim=1) * clean.shape[1])}
+
+
+def _ablation_proxies(
+    model: torch.nn.Module, proxies: Mapping[str, Proxy], splits: SplitSet, ablation: str, n_sequences: int
+) -> dict[frozenset[str], Proxy]:
+    """One ablation proxy per distinct hook set: mean (fit on train) or zero; patterns are zero-ablated."""
+    out: dict[frozenset[str], Proxy] = {}
+    train = splits.by_role("train")
+    for proxy in proxies.values():
+        hooks = frozenset(proxy.hook_names)
+        if hooks in out:
+            continue
+        simplifiers = {
+            h: ZeroAblation() if ablation == "zero" or is_attention_pattern(h) or not train else MeanAblation()
+            for h in sorted(hooks)
+        }
+        split = train[0] if train else next(iter(splits.values()))
+        out[hooks] = fit_proxy(model, simplifiers, split, n_sequences=n_sequences, allow_non_train=not train)
+    return out
+
+
+def evaluate(
+    model: torch.nn.Module,
+    proxies: Mapping[str, Proxy],
+    splits: SplitSet | Mapping[str, Split],
+    task: Task | None = None,
+    *,
+    batch_size: int = 128,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ablation: str = "mean",
+    ablation_sequences: int = 1000,
+    progress: bool = True,
+) -> Results:
+    """Score every proxy against the model on every split.
+
+    Args:
+        model: a hooked model ``[batch, pos] -> [batch, pos, d_vocab]``.
+        proxies: name -> fitted :class:`Proxy`.
+        splits: split name -> :class:`Split` (a :class:`SplitSet` from a task, or user splits).
+        task: gives ``answer_ids`` (argmax is taken over them); ``None`` scores over the full vocabulary.
+        batch_size: sequences per forward pass.
+        n_boot: bootstrap resamples of sequences for the 95% intervals (0 disables them).
+        seed: seed of the bootstrap resamples.
+        ablation: ``"mean"`` (fit on the train split) or ``"zero"``: the baseline of ``ce_score``.
+        ablation_sequences: train sequences the mean ablation is fit on.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`Results` with ``acc_model``, ``acc_proxy``, ``agreement``, ``kl``, ``ce_score``,
+        ``explained_variance`` (per hook) and ``attn_agreement`` (when keys, queries or patterns
+        are simplified), per split, proxy and position category, plus ID-vs-OOD gaps.
+    """
+    splits = splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
+    require(len(proxies) > 0, "evaluate needs at least one proxy; fit one with ip.fit_proxy")
+    require(ablation in ABLATIONS, f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
+    require(batch_size > 0 and n_boot >= 0, "batch_size must be positive and n_boot non-negative")
+    for name, proxy in proxies.items():
+        if not isinstance(proxy, Proxy):
+            raise IllusionProbeError(f"proxy {name!r} is a {type(proxy).__name__}, not an ip.Proxy; build it with ip.fit_proxy")
+        proxy.check_compatible(model)
+    n_ctx = int(model.cfg.n_ctx)
+    for split in splits.values():
+        require(split.tokens.shape[1] <= n_ctx,
+                f"split {split.name!r} has sequences of {split.tokens.shape[1]} tokens but the model's n_ctx is {n_ctx}")
+    device = _device(model)
+    answer_ids = (task.answer_ids if task is not None else torch.arange(model.cfg.d_vocab)).to(device)
+    ablations = _ablation_proxies(model, proxies, splits, ablation, ablation_sequences)
+    runner = _Runner(model)
+    sums: dict[str, dict[str, _Sums]] = {}
+    timings = {"clean_s": 0.0, "proxies_s": 0.0, "ablations_s": 0.0}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=sum(len(s) for s in splits.values()), desc="evaluate", unit="seq", disable=not progress)
+    try:
+        with torch.no_grad():
+            for split in splits.values():
+                sums[split.name] = _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size,
+                                                   timings, bar, device)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return _summarise(proxies, splits, sums, n_boot, seed, meta={
+        "evaluation": {"batch_size": batch_size, "n_boot": n_boot, "seed": seed, "ablation": ablation,
+                       "ablation_sequences": ablation_sequences, "prefix_reuse": dict(runner.prefix_ok)},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "backend": model_backend(model),
+        "task": task.to_dict() if task is not None else None,
+        "splits": {s.name: {"role": s.role, "n_sequences": len(s), "n_scored": s.n_scored} for s in splits.values()},
+        **provenance(),
+    })
+
+
+def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, timings, bar, device) -> dict[str, _Sums]:
+    starts = {name: _start_layer(p.hook_names) for name, p in proxies.items()}
+    attn_layers = {name: _attention_layers(p.hook_names) for name, p in proxies.items()}
+    start_layers = {s for s in starts.values() if s is not None}
+    start_layers |= {s for s in (_start_layer(list(h)) for h in ablations) if s is not None}
+    pattern_layers = {layer for layers in attn_layers.values() for layer in layers}
+    out = {name: _Sums() for name in proxies}
+    for batch in split.batches(batch_size):
+        batch = batch.to(device)
+        tick = time.perf_counter()
+        clean, resid, clean_patterns = runner.clean(batch.tokens, start_layers, pattern_layers)
+        timings["clean_s"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        ablated = {hooks: runner.run(batch.tokens, resid, _start_layer(list(hooks)), proxy.fwd_hooks())
+                   for hooks, proxy in ablations.items()}
+        timings["ablations_s"] += time.perf_counter() - tick
+        categories = _categories(batch)
+        tick = time.perf_counter()
+        for name, proxy in proxies.items():
+            recorded: dict[str, tuple[Tensor, Tensor]] = {}
+            patterns: dict[int, Tensor] = {}
+            hooks = [(h, _recording(fn, recorded, h)) for h, fn in proxy.fwd_hooks()]
+            hooks += _capture_patterns(attn_layers[name], patterns)
+            logits = runner.run(batch.tokens, resid, starts[name], hooks)
+            terms = _position_terms(clean, logits, ablated[frozenset(proxy.hook_names)], batch.targets, answer_ids)
+            for category, mask in categories.items():
+                sink = out[name].by_category[category]
+                for metric, values in terms.items():
+                    sink[metric].append(_to_numpy((values * mask).sum(dim=1)))
+                sink["count"].append(_to_numpy(mask.sum(dim=1)))
+            for hook, (act, hat) in recorded.items():
+                if not is_attention_pattern(hook):
+                    for term, values in _ev_terms(act, hat, batch.real_mask).items():
+                        out[name].by_hook[hook][term].append(values)
+            for layer, pattern in patterns.items():
+                for term, values in _attn_terms(clean_patterns[layer], pattern, batch.real_mask).items():
+                    out[name].by_hook[f"attn{layer}"][term].append(values)
+        timings["proxies_s"] += time.perf_counter() - tick
+        bar.update(len(batch))
+    return out
+
+
+def _summarise(proxies, splits: SplitSet, sums, n_boot: int, seed: int, meta: dict) -> Results:
+    records: list[Record] = []
+    samples: dict[tuple[str, str, str, str], np.ndarray] = {}
+    for index, split in enumerate(splits.values()):
+        weights = stats.bootstrap_weights(len(split), n_boot, seed + index)
+        for name, proxy in proxies.items():
+            method, size = _proxy_method(proxy)
+            base = dict(split=split.name, role=split.role, proxy=name, method=method, size=size,
+                        n_sequences=len(split), hooks="+".join(proxy.hook_names))
+            per_category = sums[split.name][name].categories()
+            for category, table in per_category.items():
+                n_positions = int(table["count"].sum())
+                for metric in (*POSITION_METRICS, "ce_score"):
+                    if metric == "ce_score":
+                        est, boot = stats.estimate(stats.ce_score, {k: table[k] for k in ("ce_ablated", "ce_proxy", "ce_model")}, weights)
+                    else:
+                        est, boot = stats.estimate(stats.ratio, {"num": table[metric], "den": table["count"]}, weights)
+                    samples[(split.name, name, category, metric)] = boot
+                    records.append(Record(**base, category=category, metric=metric, value=est.value,
+                                          ci_low=est.ci_low, ci_high=est.ci_high, n_positions=n_positions))
+            for hook, table in sums[split.name][name].hooks().items():
+                if hook.startswith("attn") and "num" in table:
+                    est, boot = stats.estimate(stats.ratio, table, weights)
+                    metric, hook_name = "attn_agreement", f"blocks.{hook[4:]}.attn.hook_pattern"
+                else:
+                    est, boot = stats.estimate(stats.explained_variance, table, weights)
+                    metric, hook_name = "explained_variance", hook
+                records.append(Record(**base, category="all", metric=metric, value=est.value, ci_low=est.ci_low,
+                                      ci_high=est.ci_high, n_positions=int(table.get("count", table.get("den")).sum()),
+                                      hook=hook_name))
+    return Results(records=records, gaps=_gaps(records, samples), meta=meta)
+
+
+def _gaps(records: list[Record], samples: dict[tuple[str, str, str, str], np.ndarray]) -> list[Gap]:
+    """metric(id) - metric(ood) per proxy; splits are resampled independently, so samples subtract."""
+    cells = {(r.split, r.proxy, r.category, r.metric): r for r in records if not r.hook}
+    id_splits = list(dict.fromkeys(r.split for r in records if r.role == "id"))
+    ood_splits = list(dict.fromkeys(r.split for r in records if r.role == "ood"))
+    gaps = []
+    for (split, proxy, category, metric), rec in cells.items():
+        if split not in id_splits:
+            continue
+        for ood in ood_splits:
+            other = cells.get((ood, proxy, category, metric))
+            if other is None:
+                continue
+            diff = samples[(split, proxy, category, metric)] - samples[(ood, proxy, category, metric)]
+            low, high = stats.interval(diff)
+            gaps.append(Gap(proxy=proxy, method=rec.method, size=rec.size, category=category, metric=metric,
+                            id_split=split, ood_split=ood, value=rec.value - other.value, ci_low=low, ci_high=high))
+    return gaps

@@ -1,0 +1,141 @@
+"""Plotly figures from :class:`~illusion_probe.results.Results`: return figures, never show or write them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from illusion_probe.results import Record, Results
+
+PALETTE = qualitative.Plotly
+METRIC_TITLES = {
+    "agreement": "agreement with model",
+    "kl": "KL(model ‖ proxy)",
+    "acc_proxy": "proxy accuracy",
+    "acc_model": "model accuracy",
+    "ce_score": "CE score",
+    "explained_variance": "explained variance",
+    "attn_agreement": "attention argmax agreement",
+}
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def _error_bars(records: Sequence[Record]) -> dict[str, Any]:
+    plus = [r.ci_high - r.value if _finite(r.ci_high) else 0.0 for r in records]
+    minus = [r.value - r.ci_low if _finite(r.ci_low) else 0.0 for r in records]
+    return {"type": "data", "array": plus, "arrayminus": minus, "visible": True, "thickness": 1}
+
+
+def _split_colours(results: Results) -> dict[str, str]:
+    return {split: PALETTE[i % len(PALETTE)] for i, split in enumerate(results.splits)}
+
+
+def sweep_groups(results: Results) -> list[tuple[str, str]]:
+    """``(method, hooks)`` families that were swept over more than one size."""
+    sizes: dict[tuple[str, str], set[int]] = {}
+    for r in results.records:
+        if r.size is not None:
+            sizes.setdefault((r.method, r.hooks), set()).add(r.size)
+    return [group for group, found in sizes.items() if len(found) > 1]
+
+
+def sweep_figure(results: Results, metrics: Sequence[str] = ("agreement", "kl"), category: str = "all") -> go.Figure:
+    """The central "illusion" figure: each metric against rank / cluster count, one line per split.
+
+    One column per swept ``(method, hooks)`` family, one row per metric, 95% bootstrap error bars.
+    """
+    groups = sweep_groups(results)
+    colours = _split_colours(results)
+    fig = make_subplots(
+        rows=len(metrics), cols=max(len(groups), 1), shared_xaxes=False, vertical_spacing=0.12,
+        horizontal_spacing=0.06, column_titles=[f"{m} @ {h}" for m, h in groups] or ["no sweep in these results"],
+    )
+    for col, (method, hooks) in enumerate(groups, start=1):
+        for row, metric in enumerate(metrics, start=1):
+            for split in results.splits:
+                recs = sorted((r for r in results.select(metric=metric, split=split, method=method, category=category)
+                               if r.hooks == hooks and r.size is not None), key=lambda r: r.size)
+                if not recs:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=[r.size for r in recs], y=[r.value for r in recs], error_y=_error_bars(recs),
+                    mode="lines+markers", name=split, legendgroup=split, showlegend=(row == 1 and col == 1),
+                    line={"color": colours[split], "dash": "solid" if recs[0].role != "ood" else "dash"},
+                    hovertemplate=f"{split}<br>size %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>",
+                ), row=row, col=col)
+            fig.update_xaxes(type="log", title_text="rank / clusters" if row == len(metrics) else None, row=row, col=col)
+            fig.update_yaxes(title_text=METRIC_TITLES.get(metric, metric) if col == 1 else None, row=row, col=col)
+    fig.update_layout(height=330 * len(metrics), title="Faithfulness against proxy size (dashed: OOD splits)",
+                      legend_title_text="split", template="plotly_white")
+    return fig
+
+
+def accuracy_figure(results: Results, proxies: Sequence[str]) -> go.Figure:
+    """Model accuracy and the accuracy of chosen proxies on every split (bars with 95% intervals)."""
+    fig = go.Figure()
+    splits = results.splits
+    first = proxies[0] if proxies else None
+    model = [results.select(metric="acc_model", split=s, proxy=first, category="all")[0] for s in splits] if first else []
+    if model:
+        fig.add_trace(go.Bar(x=splits, y=[r.value for r in model], error_y=_error_bars(model), name="model",
+                             marker_color="#222222"))
+    for i, proxy in enumerate(proxies):
+        recs = [results.select(metric="acc_proxy", split=s, proxy=proxy, category="all")[0] for s in splits]
+        fig.add_trace(go.Bar(x=splits, y=[r.value for r in recs], error_y=_error_bars(recs), name=proxy,
+                             marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(barmode="group", title="Task accuracy of the model and of each proxy, per split",
+                      yaxis_title="accuracy", template="plotly_white", height=420)
+    return fig
+
+
+def category_figure(results: Results, proxies: Sequence[str], metric: str = "agreement") -> go.Figure | None:
+    """Heatmaps of ``metric`` by split x position category, one panel per proxy; ``None`` without categories."""
+    categories = list(dict.fromkeys(r.category for r in results.records))
+    if len(categories) < 2 or not proxies:
+        return None
+    fig = make_subplots(rows=1, cols=len(proxies), subplot_titles=list(proxies), horizontal_spacing=0.08)
+    for col, proxy in enumerate(proxies, start=1):
+        z = [[_cell(results, s, proxy, metric, c) for c in categories] for s in results.splits]
+        fig.add_trace(go.Heatmap(z=z, x=categories, y=results.splits, zmin=0, zmax=1, colorscale="Viridis",
+                                 showscale=(col == len(proxies)), texttemplate="%{z:.3f}",
+                                 hovertemplate="%{y} / %{x}: %{z:.4f}<extra></extra>"), row=1, col=col)
+    fig.update_layout(title=f"{METRIC_TITLES.get(metric, metric)} by split and position category",
+                      template="plotly_white", height=140 + 45 * len(results.splits))
+    return fig
+
+
+def _cell(results: Results, split: str, proxy: str, metric: str, category: str) -> float | None:
+    found = results.select(split=split, proxy=proxy, metric=metric, category=category)
+    return found[0].value if found and _finite(found[0].value) else None
+
+
+def projection_figure(projection: dict[str, Any]) -> go.Figure:
+    """Keys and queries of one head on their top two principal components, coloured by depth.
+
+    ``projection`` holds ``title`` and ``panels``: a list of ``{split, kind, x, y, depth}`` with
+    ``kind`` in ``{"key", "query"}`` (as written by :func:`illusion_probe.projection.key_query_projection`).
+    """
+    panels = projection["panels"]
+    splits = list(dict.fromkeys(p["split"] for p in panels))
+    kinds = list(dict.fromkeys(p["kind"] for p in panels))
+    fig = make_subplots(rows=len(kinds), cols=len(splits), column_titles=splits, row_titles=kinds,
+                        shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.03, vertical_spacing=0.06)
+    depth_max = max((max(p["depth"]) for p in panels if p["depth"]), default=1)
+    for panel in panels:
+        fig.add_trace(go.Scattergl(
+            x=panel["x"], y=panel["y"], mode="markers", showlegend=False,
+            marker={"size": 4, "color": panel["depth"], "colorscale": "Turbo", "cmin": 0, "cmax": depth_max,
+                    "showscale": panel is panels[0], "colorbar": {"title": "depth"}, "opacity": 0.7},
+            hovertemplate="depth %{marker.color}<extra></extra>",
+        ), row=kinds.index(panel["kind"]) + 1, col=splits.index(panel["split"]) + 1)
+    fig.update_layout(title=projection.get("title", "keys and queries, top two principal components"),
+                      template="plotly_white", height=300 * len(kinds) + 80)
+    return fig

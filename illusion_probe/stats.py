@@ -1,0 +1,85 @@
+"""Per-sequence sums and sequence-level bootstrap confidence intervals.
+
+Every metric is a function of *sums over sequences* (numerators and counts).
+Keeping those sums per sequence lets one matrix of bootstrap weights resample
+sequences for every metric of a split at once: a resample is a row of
+multinomial counts ``W [n_boot, n_seq]``, and a ratio-of-sums statistic is
+``(W @ num) / (W @ den)``. Resampling sequences (not tokens) respects the
+dependence between positions of one sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a percentile bootstrap interval (NaN bounds when not bootstrapped)."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+def bootstrap_weights(n_sequences: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, n_sequences]`` multinomial resampling counts from a seeded generator."""
+    if n_boot <= 0 or n_sequences == 0:
+        return np.zeros((0, n_sequences))
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_sequences, np.full(n_sequences, 1.0 / n_sequences), size=n_boot).astype(np.float64)
+
+
+def estimate(
+    statistic: Callable[..., np.ndarray | float], sums: dict[str, np.ndarray], weights: np.ndarray
+) -> tuple[Estimate, np.ndarray]:
+    """Evaluate ``statistic`` on the totals of ``sums`` and on each bootstrap resample.
+
+    Args:
+        statistic: maps keyword totals (each summed over sequences; vectors keep their
+            trailing dimension) to a value. Called once with plain totals and once with
+            ``[n_boot, ...]`` resampled totals, so it must broadcast over a leading axis.
+        sums: per-sequence sums, each ``[n_seq]`` or ``[n_seq, d]``.
+        weights: ``[n_boot, n_seq]`` from :func:`bootstrap_weights`.
+
+    Returns:
+        The estimate and the ``[n_boot]`` bootstrap samples (NaN where a resample is undefined),
+        so differences between independently resampled splits can be bootstrapped too.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = float(statistic(**{k: v.sum(axis=0) for k, v in sums.items()}))
+        samples = np.asarray(statistic(**{k: weights @ v for k, v in sums.items()}), dtype=np.float64)
+    low, high = interval(samples)
+    return Estimate(value, low, high), samples
+
+
+def interval(samples: np.ndarray) -> tuple[float, float]:
+    """Percentile interval of the finite ``samples`` (NaN, NaN when there are none)."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Mean as a ratio of sums."""
+    return num / den
+
+
+def ce_score(ce_ablated: np.ndarray, ce_proxy: np.ndarray, ce_model: np.ndarray) -> np.ndarray:
+    """(CE_ablated - CE_proxy) / (CE_ablated - CE_model); the common count of positions cancels."""
+    return (ce_ablated - ce_proxy) / (ce_ablated - ce_model)
+
+
+def explained_variance(err: np.ndarray, sq: np.ndarray, total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) from per-sequence sums of each term."""
+    mean = total / count[..., None]
+    variance = sq / count - (mean**2).sum(axis=-1)
+    return 1.0 - (err / count) / variance

@@ -1,0 +1,101 @@
+"""Results container (JSON/CSV, gaps, headline) and the self-contained HTML report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+
+from illusion_probe.errors import ArtifactError, IllusionProbeError
+from illusion_probe.report.html import render_report, write_report
+from illusion_probe.results import Gap, Record, Results
+
+
+def _results() -> Results:
+    records, gaps = [], []
+    for split, role in [("train", "train"), ("test", "id"), ("ood_deeper", "ood")]:
+        for size in (1, 2, 4):
+            agreement = {"train": 0.9, "test": 0.9, "ood_deeper": 0.5}[split] + 0.03 * size
+            for metric, value in [("agreement", min(agreement, 1.0)), ("kl", 1.0 / size), ("acc_model", 0.99),
+                                  ("acc_proxy", 0.9)]:
+                records.append(Record(split=split, role=role, proxy=f"pca({size})@h", method="pca", size=size,
+                                      category="all", metric=metric, value=value, ci_low=value - 0.01,
+                                      ci_high=value + 0.01, n_positions=100, n_sequences=10, hooks="h"))
+        records.append(Record(split=split, role=role, proxy="onehot@p", method="onehot_attention", size=None,
+                              category="all", metric="agreement", value=0.7, ci_low=float("nan"),
+                              ci_high=float("nan"), n_positions=100, n_sequences=10, hooks="p"))
+        records.append(Record(split=split, role=role, proxy="onehot@p", method="onehot_attention", size=None,
+                              category="all", metric="acc_model", value=0.99, ci_low=0.98, ci_high=1.0,
+                              n_positions=100, n_sequences=10, hooks="p"))
+        records.append(Record(split=split, role=role, proxy="onehot@p", method="onehot_attention", size=None,
+                              category="all", metric="acc_proxy", value=0.6, ci_low=0.5, ci_high=0.7,
+                              n_positions=100, n_sequences=10, hooks="p"))
+    gaps.append(Gap(proxy="pca(4)@h", method="pca", size=4, category="all", metric="agreement", id_split="test",
+                    ood_split="ood_deeper", value=0.4, ci_low=0.3, ci_high=0.5))
+    return Results(records=records, gaps=gaps, meta={"seed": 0}, extras={"projection": {"title": "t", "panels": [
+        {"split": "train", "kind": "key", "x": [0.0, 1.0], "y": [1.0, 0.0], "depth": [1, 2]},
+        {"split": "ood_deeper", "kind": "key", "x": [0.5], "y": [0.5], "depth": [5]}]}})
+
+
+def test_json_round_trip_is_lossless(tmp_path) -> None:
+    results = _results()
+    loaded = Results.from_json(results.to_json(tmp_path / "r.json"))
+    assert len(loaded.records) == len(results.records)
+    for a, b in zip(results.records, loaded.records, strict=True):
+        for field in a.__dataclass_fields__:
+            x, y = getattr(a, field), getattr(b, field)
+            assert (isinstance(x, float) and math.isnan(x) and math.isnan(y)) or x == y
+    assert loaded.gaps == results.gaps and loaded.meta == results.meta and loaded.extras == results.extras
+
+
+def test_other_schema_version_refused(tmp_path) -> None:
+    path = _results().to_json(tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    data["schema_version"] = 42
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="schema version 42") as err:
+        Results.from_json(path)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_results_refused(tmp_path) -> None:
+    with pytest.raises(IllusionProbeError, match="empty"):
+        Results().to_json(tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(IllusionProbeError, match="empty"):
+        render_report(Results())
+
+
+def test_csv_has_every_record() -> None:
+    rows = list(csv.DictReader(io.StringIO(_results().to_csv())))
+    assert len(rows) == len(_results().records) and rows[0]["metric"] == "agreement"
+
+
+def test_headline_and_gap() -> None:
+    results = _results()
+    (row,) = results.headline()
+    assert row["method"] == "pca" and row["size"] == 4 and row["reached"]
+    assert row["ood_agreement"]["ood_deeper"] == pytest.approx(0.62)
+    (gap,) = results.gap("agreement", "test", "ood_deeper")
+    assert gap.value == 0.4
+    with pytest.raises(IllusionProbeError, match="no 'kl' gap"):
+        results.gap("kl", "test", "ood_deeper")
+
+
+def test_report_is_self_contained(tmp_path) -> None:
+    path = write_report(_results(), tmp_path / "report.html")
+    text = path.read_text()
+    assert not re.search(r"<script[^>]*\ssrc=", text)  # plotly.js is inlined, nothing is fetched
+    assert text.count("Plotly.newPlot") >= 3  # sweep, accuracy, projection
+    assert "pca(4)@h" in text and "Provenance" in text
+
+
+def test_report_module_does_not_import_torch() -> None:
+    code = "import sys, illusion_probe.report.html, illusion_probe.results; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
