@@ -40,20 +40,22 @@ def _fmt(value: float | None) -> str:
 
 
 def print_summary(results, out: Path) -> None:
-    """The headline table: per method, the smallest size at 99% test agreement and its OOD agreement."""
+    """The headline table: per swept family, the smallest size at 99% test agreement and its OOD agreement."""
     ood = [s for s in results.splits if results.select(split=s, role="ood")]
-    header = f"{'proxy':<44} {'test':>6} " + " ".join(f"{s[:18]:>18}" for s in ood)
+    width = max(len(s) for s in ["test", *ood])
+    header = f"{'proxy (agreement with the model)':<48} " + " ".join(f"{s:>{width}}" for s in ["test", *ood])
     print(header)
     print("-" * len(header))
-    rows = [row["proxy"] for row in results.headline()]
-    rows += list(dict.fromkeys(r.proxy for r in results.records if r.size is None))
-    for proxy in rows:
-        values = [results.value("test", proxy, "agreement")] + [results.value(s, proxy, "agreement") for s in ood]
-        print(f"{proxy[:44]:<44} {_fmt(values[0])} " + " ".join(f"{_fmt(v):>18}" for v in values[1:]))
-    accuracy = [results.value(s, rows[0], "acc_model") for s in ["test", *ood]] if rows else []
-    if accuracy:
-        print(f"{'model accuracy':<44} {_fmt(accuracy[0])} " + " ".join(f"{_fmt(v):>18}" for v in accuracy[1:]))
-    print(f"(agreement with the model; report: {out / 'report.html'})")
+    headline = results.headline()
+    rows = [(row["proxy"] + ("" if row["reached"] else " (<99%)"), row["proxy"]) for row in headline]
+    rows += [(p, p) for p in dict.fromkeys(r.proxy for r in results.records if r.size is None)]
+    for label, proxy in rows:
+        values = [results.value(s, proxy, "agreement") for s in ["test", *ood]]
+        print(f"{label[:48]:<48} " + " ".join(f"{_fmt(v):>{width}}" for v in values))
+    if rows:
+        accuracy = [results.value(s, rows[0][1], "acc_model") for s in ["test", *ood]]
+        print(f"{'model accuracy':<48} " + " ".join(f"{_fmt(v):>{width}}" for v in accuracy))
+    print(f"headline: smallest size per family reaching 99% test agreement; report: {out / 'report.html'}")
 
 
 def _reproduce(args: argparse.Namespace) -> int:

@@ -135,15 +135,6 @@ class _Runner:
             return self.model(tokens)
 
 
-def _recording(fn, sink: dict[str, tuple[Tensor, Tensor]], name: str):
-    """Wrap a hook function so its input and output are kept for explained variance."""
-    def hook(act: Tensor, hook):
-        out = fn(act, hook=hook)
-        sink[name] = (act.detach(), out.detach())
-        return out
-    return hook
-
-
 def _capture_patterns(layers: list[int], sink: dict[int, Tensor]) -> list:
     return [(f"blocks.{L}.attn.hook_pattern", _Runner._store(sink, L)) for L in layers]
 
@@ -284,6 +275,11 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, t
     start_layers |= {s for s in (_start_layer(list(h)) for h in ablations) if s is not None}
     pattern_layers = {layer for layers in attn_layers.values() for layer in layers}
     out = {name: _Sums() for name in proxies}
+    recorded: dict[str, tuple[Tensor, Tensor]] = {}  # hook -> (input, reconstruction) of the current pass
+
+    def record(hook: str, act: Tensor, reconstruction: Tensor) -> None:
+        recorded[hook] = (act, reconstruction)
+
     for batch in split.batches(batch_size):
         batch = batch.to(device)
         tick = time.perf_counter()
@@ -296,9 +292,9 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, t
         categories = _categories(batch)
         tick = time.perf_counter()
         for name, proxy in proxies.items():
-            recorded: dict[str, tuple[Tensor, Tensor]] = {}
+            recorded.clear()
             patterns: dict[int, Tensor] = {}
-            hooks = [(h, _recording(fn, recorded, h)) for h, fn in proxy.fwd_hooks()]
+            hooks = proxy.fwd_hooks(on_apply=record)
             hooks += _capture_patterns(attn_layers[name], patterns)
             logits = runner.run(batch.tokens, resid, starts[name], hooks)
             terms = _position_terms(clean, logits, ablated[frozenset(proxy.hook_names)], batch.targets, answer_ids)

@@ -133,22 +133,19 @@ class Results:
         return found
 
     def headline(self, target: float = AGREEMENT_TARGET, id_split: str = "test") -> list[dict[str, Any]]:
-        """Per method family: the smallest size reaching ``target`` agreement on ``id_split``, and its OOD agreement."""
+        """Per swept family (method and hooks): the smallest size reaching ``target`` agreement on
+        ``id_split``, its agreement there and on every OOD split. A family that never reaches the
+        target reports its best size with ``reached=False``."""
         rows = []
         id_records = [r for r in self.select(metric="agreement", split=id_split, category="all") if r.size is not None]
-        for method in dict.fromkeys(r.method for r in id_records):
-            reaching = sorted((r for r in id_records if r.method == method and r.value >= target),
-                              key=lambda r: r.size)
-            if not reaching:
-                best = max((r for r in id_records if r.method == method), key=lambda r: r.value)
-                rows.append({"method": method, "proxy": best.proxy, "size": None, "id_agreement": best.value,
-                             "reached": False, "ood_agreement": {}})
-                continue
-            chosen = reaching[0]
+        for method, hooks in dict.fromkeys((r.method, r.hooks) for r in id_records):
+            family = sorted((r for r in id_records if (r.method, r.hooks) == (method, hooks)), key=lambda r: r.size)
+            reaching = [r for r in family if r.value >= target]
+            chosen = reaching[0] if reaching else max(family, key=lambda r: r.value)
             ood = {r.split: r.value for r in self.select(metric="agreement", proxy=chosen.proxy, category="all")
                    if r.role == "ood"}
-            rows.append({"method": method, "proxy": chosen.proxy, "size": chosen.size, "id_agreement": chosen.value,
-                         "reached": True, "ood_agreement": ood})
+            rows.append({"method": method, "hooks": hooks, "proxy": chosen.proxy, "size": chosen.size,
+                         "reached": bool(reaching), "id_agreement": chosen.value, "ood_agreement": ood})
         return rows
 
     def to_dict(self) -> dict[str, Any]:

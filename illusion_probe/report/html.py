@@ -48,13 +48,13 @@ def _headline_section(results: Results) -> str:
     ood = [s for s in results.splits if results.select(split=s, role="ood")]
     rows = []
     for row in results.headline():
-        size = str(row["size"]) if row["reached"] else f"<span class='bad'>none reaches 99%</span> (best {row['proxy']})"
-        cells = [html.escape(row["method"]), size, _fmt(row["id_agreement"])]
+        size = str(row["size"]) if row["reached"] else f"<span class='bad'>none reaches 99%</span> (best: {row['size']})"
+        cells = [html.escape(row["method"]), html.escape(row["hooks"]), size, _fmt(row["id_agreement"])]
         cells += [_fmt(row["ood_agreement"].get(s)) for s in ood]
         rows.append(cells)
     if not rows:
         return "<p class='note'>No size sweep in these results.</p>"
-    return _table(["method", "smallest size with ≥99% test agreement", "test agreement", *ood], rows)
+    return _table(["method", "hooks", "smallest size with ≥99% test agreement", "test agreement", *ood], rows)
 
 
 def _gap_section(results: Results, proxies: list[str]) -> str:

@@ -1,0 +1,89 @@
+"""The CLI end to end on the tiny preset, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from illusion_probe.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["reproduce", "dyck", "--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_reproduce_writes_every_artefact(run_dir, capsys) -> None:
+    for name in ("results.json", "results.csv", "report.html", "checkpoint/model.safetensors", "proxies/manifest.json"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    splits = {r["split"] for r in results["records"]}
+    assert {"train", "test", "ood_unseen_structure", "ood_longer", "ood_deeper"} <= splits
+    methods = {r["method"] for r in results["records"]}
+    assert {"pca", "kmeans", "onehot_attention", "mean_ablation", "zero_ablation"} <= methods
+    assert "Plotly.newPlot" in (run_dir / "report.html").read_text()
+    assert not [p for p in os.listdir(run_dir) if p.startswith(".")]  # no staging leftovers
+
+
+def test_rerun_reuses_finished_stages(run_dir, capsys) -> None:
+    before = (run_dir / "results.json").stat().st_mtime_ns
+    assert main(["reproduce", "dyck", "--preset", "tiny", "--out", str(run_dir), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "reusing trained model" in err and "reusing fitted proxies" in err and "reusing results" in err
+    assert (run_dir / "results.json").stat().st_mtime_ns == before
+
+
+def test_report_subcommand_rebuilds_html(run_dir, tmp_path) -> None:
+    assert main(["report", str(run_dir / "results.json"), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def _fails(argv: list[str], capsys, fragment: str) -> None:
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and fragment in err[-1] and err[-1].startswith("illusion-probe: error:")
+
+
+def test_unknown_preset(tmp_path, capsys) -> None:
+    _fails(["reproduce", "dyck", "--preset", "huge", "--out", str(tmp_path / "o")], capsys, "unknown dyck preset")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_without_gpu(tmp_path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present, so --device cuda is valid here")
+    _fails(["reproduce", "dyck", "--preset", "tiny", "--out", str(tmp_path / "o"), "--device", "cuda"], capsys,
+           "no CUDA GPU")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _fails(["reproduce", "dyck", "--preset", "tiny", "--out", str(blocker / "sub")], capsys, "not writable")
+
+
+def test_report_of_other_schema(tmp_path, capsys) -> None:
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"schema": "illusion-probe/results", "schema_version": 0, "records": []}))
+    _fails(["report", str(bad), "--out", str(tmp_path / "r.html")], capsys, "schema version 0")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_of_empty_results(tmp_path, capsys) -> None:
+    empty = tmp_path / "results.json"
+    empty.write_text(json.dumps({"schema": "illusion-probe/results", "schema_version": 1, "records": []}))
+    _fails(["report", str(empty)], capsys, "empty")
+
+
+def test_probe_without_checkpoint(tmp_path, capsys) -> None:
+    _fails(["probe", "dyck", "--preset", "tiny", "--out", str(tmp_path / "o"), "--device", "cpu"], capsys,
+           "illusion-probe train")

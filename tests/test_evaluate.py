@@ -1,0 +1,116 @@
+"""evaluate / sweep on a tiny random model: metric identities and a hand-computed check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import illusion_probe as ip
+
+SIZES = ip.ModelSizes(d_vocab=13, n_ctx=12)
+
+
+def _tokens(n: int, high: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, high, (n, SIZES.n_ctx), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ip.build_model(SIZES, ip.ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    train = ip.Split.from_tokens(_tokens(48, 13, 0), "train", name="train")
+    test = ip.Split.from_tokens(_tokens(40, 13, 1), "id", name="test")
+    shifted = ip.Split.from_tokens(_tokens(40, 4, 2), "ood", name="ood_small_vocab")  # only tokens 0-3
+    flagged = dataclasses.replace(test, labels={"even_token": test.tokens % 2 == 0})
+    return ip.SplitSet([train, flagged, shifted])
+
+
+def _hook_count(model) -> int:
+    return sum(len(h._forward_hooks) for h in model.hook_dict.values())
+
+
+def _by(results, proxy, metric, split="test", category="all"):
+    (record,) = results.select(proxy=proxy, metric=metric, split=split, category=category)
+    return record
+
+
+def test_identity_proxy_is_perfectly_faithful(model, splits) -> None:
+    full = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(rank=32)}, splits["train"])
+    results = ip.evaluate(model, {"full": full}, splits, n_boot=50, progress=False)
+    for split in splits:
+        assert _by(results, "full", "agreement", split).value == 1.0
+        assert _by(results, "full", "kl", split).value == pytest.approx(0.0, abs=1e-5)
+        assert _by(results, "full", "ce_score", split).value == pytest.approx(1.0, abs=1e-3)
+        ev = results.select(proxy="full", metric="explained_variance", split=split)[0]
+        assert ev.value == pytest.approx(1.0, abs=1e-5) and ev.hook == "blocks.1.hook_resid_pre"
+        assert _by(results, "full", "acc_proxy", split).value == _by(results, "full", "acc_model", split).value
+    assert _hook_count(model) == 0
+
+
+def test_ablation_scores_zero_against_itself(model, splits) -> None:
+    zero = ip.fit_proxy(model, {"blocks.0.hook_resid_post": ip.ZeroAblation()}, splits["train"])
+    results = ip.evaluate(model, {"zero": zero}, splits, ablation="zero", n_boot=0, progress=False)
+    assert _by(results, "zero", "ce_score").value == pytest.approx(0.0, abs=1e-6)
+
+
+def test_low_rank_agreement_matches_a_hand_computation(model, splits) -> None:
+    hook = "blocks.1.attn.hook_k"
+    proxy = ip.fit_proxy(model, {hook: ip.PCA(rank=1)}, splits["train"])
+    results = ip.evaluate(model, {"r1": proxy}, splits, n_boot=200, progress=False)
+    for name, split in splits.items():
+        with torch.no_grad():
+            clean = model(split.tokens).argmax(-1)
+            with proxy.applied(model):
+                proxied = model(split.tokens).argmax(-1)
+        expected = (clean == proxied)[split.eval_mask].double().mean().item()
+        record = _by(results, "r1", "agreement", name)
+        assert record.value == pytest.approx(expected, abs=1e-12)
+        assert record.ci_low <= record.value <= record.ci_high
+        assert record.n_positions == split.n_scored
+    attn = results.select(proxy="r1", metric="attn_agreement", split="test")
+    assert len(attn) == 1 and 0.0 <= attn[0].value <= 1.0
+
+
+def test_categories_and_gaps(model, splits) -> None:
+    proxy = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(rank=2)}, splits["train"])
+    results = ip.evaluate(model, {"r2": proxy}, splits, n_boot=100, progress=False)
+    even = _by(results, "r2", "agreement", "test", "even_token")
+    assert even.n_positions == int((splits["test"].eval_mask & splits["test"].labels["even_token"]).sum())
+    (gap,) = results.gap("agreement", "test", "ood_small_vocab")
+    expected = _by(results, "r2", "agreement", "test").value - _by(results, "r2", "agreement", "ood_small_vocab").value
+    assert gap.value == pytest.approx(expected)
+
+
+def test_sweep_records_sizes_and_headline(model, splits) -> None:
+    results = ip.sweep(model, splits, hooks=["blocks.1.hook_resid_pre"], method="pca", sizes=[1, 4, 32],
+                       n_boot=0, progress=False)
+    sizes = sorted({r.size for r in results.select(metric="agreement", split="test")})
+    assert sizes == [1, 4, 32]
+    (row,) = results.headline()
+    assert row["method"] == "pca" and row["reached"] and row["size"] <= 32
+
+
+def test_results_are_reproducible(model, splits) -> None:
+    def run():
+        proxy = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.KMeans(n_clusters=4, seed=0)}, splits["train"])
+        return ip.evaluate(model, {"km": proxy}, splits, n_boot=100, seed=3, progress=False).to_dict()["records"]
+
+    assert run() == run()
+
+
+def test_bad_inputs(model, splits) -> None:
+    with pytest.raises(ip.IllusionProbeError, match="at least one proxy"):
+        ip.evaluate(model, {}, splits)
+    with pytest.raises(ip.IllusionProbeError, match="not an ip.Proxy"):
+        ip.evaluate(model, {"x": ip.PCA(rank=2)}, splits)
+    proxy = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(rank=2)}, splits["train"])
+    with pytest.raises(ip.IllusionProbeError, match="unknown ablation"):
+        ip.evaluate(model, {"p": proxy}, splits, ablation="noise")
+    long = ip.Split.from_tokens(torch.zeros(2, SIZES.n_ctx + 4, dtype=torch.long), "ood", name="too_long")
+    with pytest.raises(ip.IllusionProbeError, match="n_ctx"):
+        ip.evaluate(model, {"p": proxy}, ip.SplitSet([splits["train"], long]))
