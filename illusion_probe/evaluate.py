@@ -99,13 +99,15 @@ def _attention_layers(hooks: list[str]) -> list[int]:
 class _Runner:
     """Runs a model from a cached clean prefix, falling back to full passes where unsupported."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, reuse_prefix: bool = True):
         self.model = model
+        self.reuse_prefix = reuse_prefix
         self.prefix_ok: dict[int, bool] = {}
 
     def clean(self, tokens: Tensor, layers: set[int], patterns: set[int]) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
         resid: dict[int, Tensor] = {}
         pattern: dict[int, Tensor] = {}
+        layers = layers if self.reuse_prefix else set()
         hooks = [(f"blocks.{L}.hook_resid_pre", self._store(resid, L)) for L in sorted(layers)]
         hooks += [(f"blocks.{L}.attn.hook_pattern", self._store(pattern, L)) for L in sorted(patterns)]
         with self.model.hooks(fwd_hooks=hooks):
@@ -207,6 +209,7 @@ def evaluate(
     seed: int = 0,
     ablation: str = "mean",
     ablation_sequences: int = 1000,
+    reuse_prefix: bool = True,
     progress: bool = True,
 ) -> Results:
     """Score every proxy against the model on every split.
@@ -221,6 +224,8 @@ def evaluate(
         seed: seed of the bootstrap resamples.
         ablation: ``"mean"`` (fit on the train split) or ``"zero"``: the baseline of ``ce_score``.
         ablation_sequences: train sequences the mean ablation is fit on.
+        reuse_prefix: rerun each proxy only from its first hooked layer, starting from the clean
+            residual stream cached there (checked against the full pass once per layer).
         progress: show a progress bar.
 
     Returns:
@@ -243,7 +248,7 @@ def evaluate(
     device = _device(model)
     answer_ids = (task.answer_ids if task is not None else torch.arange(model.cfg.d_vocab)).to(device)
     ablations = _ablation_proxies(model, proxies, splits, ablation, ablation_sequences)
-    runner = _Runner(model)
+    runner = _Runner(model, reuse_prefix)
     sums: dict[str, dict[str, _Sums]] = {}
     timings = {"clean_s": 0.0, "proxies_s": 0.0, "ablations_s": 0.0}
     was_training = model.training

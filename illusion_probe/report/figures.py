@@ -71,7 +71,9 @@ def sweep_figure(results: Results, metrics: Sequence[str] = ("agreement", "kl"),
                     line={"color": colours[split], "dash": "solid" if recs[0].role != "ood" else "dash"},
                     hovertemplate=f"{split}<br>size %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>",
                 ), row=row, col=col)
-            fig.update_xaxes(type="log", title_text="rank / clusters" if row == len(metrics) else None, row=row, col=col)
+            sizes = sorted({r.size for r in results.records if (r.method, r.hooks) == (method, hooks) and r.size})
+            fig.update_xaxes(type="log", tickvals=sizes, title_text="rank / clusters" if row == len(metrics) else None,
+                             row=row, col=col)
             fig.update_yaxes(title_text=METRIC_TITLES.get(metric, metric) if col == 1 else None, row=row, col=col)
     fig.update_layout(height=330 * len(metrics), title="Faithfulness against proxy size (dashed: OOD splits)",
                       legend_title_text="split", template="plotly_white")

@@ -1,0 +1,69 @@
+"""Evaluation cost: 20 proxies on 4 splits of 2,000 sequences against the clean forward passes alone.
+
+Goal (issue 5): total evaluation time at most 21x the clean passes (one pass per
+proxy, nothing recomputed); reusing the clean prefix (``start_at_layer``) should
+go well below that. Run: ``python benchmarks/bench_evaluate.py [--sequences N]``.
+The model has the quick preset's architecture; its weights are untrained, which
+does not change the cost of a forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import illusion_probe as ip
+from illusion_probe.pipeline import load_preset
+from illusion_probe.sweep import sweep_proxies
+from illusion_probe.tasks import task_from_dict
+
+
+def clean_seconds(model, splits, batch_size: int) -> float:
+    tick = time.perf_counter()
+    with torch.no_grad():
+        for split in splits.values():
+            for batch in split.batches(batch_size):
+                model(batch.tokens)
+    return time.perf_counter() - tick
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=2000, help="sequences per split")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run = load_preset("dyck", "quick")
+    task = task_from_dict(run.task)
+    all_splits = task.make_splits(seed=0)
+    model = ip.build_model(task, run.model)
+    layer = run.model.n_layers - 1
+    kq = [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_q"]
+    resid = [f"blocks.{layer}.hook_resid_pre"]
+    fit = all_splits["train"]
+    proxies = {**sweep_proxies(model, fit, kq, "pca", (1, 2, 4, 8, 16, 32), 500),
+               **sweep_proxies(model, fit, resid, "pca", (1, 2, 4, 8, 16, 32, 64), 500),
+               **sweep_proxies(model, fit, kq, "kmeans", (2, 4, 8, 16, 32, 64), 500),
+               **sweep_proxies(model, fit, [f"blocks.{layer}.attn.hook_pattern"], "onehot_attention", (None,))}
+    assert len(proxies) == 20, len(proxies)
+    splits = ip.SplitSet([all_splits[name].head(args.sequences) for name in
+                          ("test", "ood_unseen_structure", "ood_longer", "ood_deeper")])
+    clean_seconds(model, splits, args.batch_size)  # warm-up
+    clean = clean_seconds(model, splits, args.batch_size)
+    timings = {}
+    for reuse in (False, True):
+        tick = time.perf_counter()
+        ip.evaluate(model, proxies, splits, task, batch_size=args.batch_size, n_boot=1000, reuse_prefix=reuse,
+                    progress=False)
+        timings[reuse] = time.perf_counter() - tick
+    print(f"model: quick preset architecture ({run.model.n_layers} layers, d_model {run.model.d_model}); "
+          f"4 splits x {args.sequences} sequences; 20 proxies; threads {torch.get_num_threads()}")
+    print(f"clean forward passes alone:           {clean:8.2f} s")
+    print(f"evaluate, full pass per proxy:        {timings[False]:8.2f} s  ({timings[False] / clean:5.1f}x clean)")
+    print(f"evaluate, proxies from cached prefix: {timings[True]:8.2f} s  ({timings[True] / clean:5.1f}x clean)")
+
+
+if __name__ == "__main__":
+    main()
