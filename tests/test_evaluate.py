@@ -31,7 +31,8 @@ def splits():
 
 
 def _hook_count(model) -> int:
-    return sum(len(h._forward_hooks) for h in model.hook_dict.values())
+    points = {id(h): h for h in model.hook_dict.values()}  # bridges list a HookPoint under legacy and canonical names
+    return sum(len(h._forward_hooks) for h in points.values())
 
 
 def _by(results, proxy, metric, split="test", category="all"):

@@ -1,0 +1,23 @@
+"""Simplifiers (PCA, SVD, k-means, one-hot attention, ablations) and the proxies built from them."""
+
+from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
+from illusion_probe.simplify.attention import OneHotAttention
+from illusion_probe.simplify.base import FittedSimplifier, Simplifier
+from illusion_probe.simplify.collect import collect_activations
+from illusion_probe.simplify.kmeans import KMeans
+from illusion_probe.simplify.pca import PCA, SVD
+from illusion_probe.simplify.proxy import Proxy, fit_proxy
+
+__all__ = [
+    "PCA",
+    "SVD",
+    "FittedSimplifier",
+    "KMeans",
+    "MeanAblation",
+    "OneHotAttention",
+    "Proxy",
+    "Simplifier",
+    "ZeroAblation",
+    "collect_activations",
+    "fit_proxy",
+]

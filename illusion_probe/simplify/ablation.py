@@ -1,0 +1,52 @@
+"""Ablation baselines: the activation replaced by zeros, or by its training mean.
+
+They anchor the CE-loss score (0 = as bad as ablating the hook) and are the
+"rank 0" end of every sweep.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from illusion_probe.simplify.base import FittedSimplifier, Simplifier
+
+
+class ZeroAblation(Simplifier):
+    """Replace the activation by zeros (data-free; works at any hook)."""
+
+    method: ClassVar[str] = "zero_ablation"
+
+    def check_hook(self, hook_name: str) -> None:
+        return None
+
+    def __call__(self, act: Tensor, hook: Any = None) -> Tensor:
+        """Zeros of ``act``'s shape, dtype and device."""
+        return torch.zeros_like(act)
+
+
+class MeanAblation(FittedSimplifier):
+    """Replace the activation by its mean over the fitted samples (per head with ``per_head=True``)."""
+
+    method: ClassVar[str] = "mean_ablation"
+
+    def _reset(self, shape: tuple[int, int], device: torch.device) -> None:
+        self._sum = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def _accumulate(self, x: Tensor) -> None:
+        self._sum += x.to(torch.float64).sum(dim=0)
+
+    def _finish(self) -> None:
+        self.mean = (self._sum / self._n_seen).to(torch.float32)
+        del self._sum
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"mean": self.mean}
+
+    def _set_tensors(self, state: dict[str, Tensor]) -> None:
+        self.mean = state["mean"]
+
+    def _apply(self, x: Tensor) -> Tensor:
+        return self.derived(x)["mean"].expand_as(x).clone()

@@ -1,0 +1,314 @@
+"""What every simplifier is: a fitted, frozen TransformerLens hook function.
+
+A :class:`Simplifier` maps an activation to its simplified version of the same
+shape, dtype and device, so ``model.run_with_hooks(tokens, fwd_hooks=[(name,
+simplifier)])`` works with no glue. Data-free simplifiers (one-hot attention,
+zero ablation) subclass :class:`Simplifier` directly; simplifiers fitted on
+activations subclass :class:`FittedSimplifier`, which streams batches through
+``partial_fit`` and freezes its state in ``finalize``.
+
+Sample layout. The last dimension is the feature dimension and every leading
+dimension is a sample. Per-head activations ``[batch, pos, head, d_head]``
+are fitted head by head with ``per_head=True`` (one state per head, exactly as
+fitting each head alone) or jointly with ``per_head=False`` (feature dimension
+``head * d_head``). Internally every input becomes ``[n, group, feature]``
+with ``group = head`` (per head) or ``1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from illusion_probe.errors import IllusionProbeError, require
+from illusion_probe.hook_names import is_attention_pattern
+
+#: ``method`` name -> (module, class) of every simplifier family, for rebuilding from a config.
+METHODS: dict[str, tuple[str, str]] = {
+    "pca": ("illusion_probe.simplify.pca", "PCA"),
+    "svd": ("illusion_probe.simplify.pca", "SVD"),
+    "kmeans": ("illusion_probe.simplify.kmeans", "KMeans"),
+    "onehot_attention": ("illusion_probe.simplify.attention", "OneHotAttention"),
+    "zero_ablation": ("illusion_probe.simplify.ablation", "ZeroAblation"),
+    "mean_ablation": ("illusion_probe.simplify.ablation", "MeanAblation"),
+}
+
+
+def simplifier_class(method: str) -> type[Simplifier]:
+    """The class implementing ``method`` (``"pca"``, ``"kmeans"``, ...)."""
+    if method not in METHODS:
+        raise IllusionProbeError(f"unknown simplifier method {method!r}; choose one of {', '.join(METHODS)}")
+    module, name = METHODS[method]
+    return getattr(importlib.import_module(module), name)
+
+
+class Simplifier(ABC):
+    """A hook function ``(activation, hook) -> simplified activation`` with a JSON config.
+
+    Subclasses set ``method`` and ``size_option`` (the constructor argument that
+    :attr:`size` reports: ``"rank"``, ``"n_clusters"`` or ``None``).
+    """
+
+    method: ClassVar[str]
+    size_option: ClassVar[str | None] = None
+    #: False for data-free simplifiers: ``fit_proxy`` collects no activations for them.
+    needs_data: ClassVar[bool] = False
+
+    # -- identity -------------------------------------------------------------------
+    @property
+    def per_head(self) -> bool:
+        """Whether each head has its own fitted state (always ``False`` for data-free simplifiers)."""
+        return False
+
+    @property
+    def size(self) -> int | None:
+        """The sweep size: rank for PCA/SVD, cluster count for k-means, ``None`` otherwise."""
+        return None if self.size_option is None else getattr(self, self.size_option)
+
+    def options(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable) that rebuild an unfitted copy."""
+        return {}
+
+    def describe(self) -> str:
+        """Short label such as ``"pca(rank=4)"``."""
+        inner = f"{self.size_option}={self.size}" if self.size_option else ""
+        return f"{self.method}({inner})"
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.is_fitted else "unfitted"
+        return f"<{type(self).__name__} {self.describe()} per_head={self.per_head} {state}>"
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def create(cls, method: str, size: int | None = None, **options: Any) -> Simplifier:
+        """A fresh unfitted simplifier of family ``method`` at ``size`` (rank / cluster count)."""
+        target = simplifier_class(method)
+        if size is not None:
+            require(target.size_option is not None, f"simplifier {method!r} has no size; pass size=None")
+            options[target.size_option] = size
+        return target(**options)
+
+    def unfitted(self, size: int | None = None, **changes: Any) -> Simplifier:
+        """A fresh unfitted copy with the same options, optionally at another ``size`` or with ``changes``."""
+        return Simplifier.create(self.method, size, **{**self.options(), **changes})
+
+    def config(self) -> dict[str, Any]:
+        """JSON config: ``method``, constructor options and (once fitted) the fitted shape."""
+        return {"method": self.method, "options": self.options(), **self._fitted_config()}
+
+    def _fitted_config(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Fitted tensors (empty for data-free simplifiers)."""
+        return {}
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, Tensor]) -> Simplifier:
+        """Rebuild a fitted simplifier from :meth:`config` and :meth:`state_dict`."""
+        simplifier = cls.create(config["method"], **config["options"])
+        simplifier._load_state(config, state)
+        return simplifier
+
+    def _load_state(self, config: dict[str, Any], state: dict[str, Tensor]) -> None:
+        return None
+
+    # -- fitting (no-ops for data-free simplifiers) ----------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the simplifier can be applied."""
+        return True
+
+    def partial_fit(self, acts: Tensor, mask: Tensor | None = None) -> Simplifier:
+        """Accumulate one batch of activations (no-op when no data is needed)."""
+        return self
+
+    def finalize(self) -> Simplifier:
+        """Freeze the fitted state after the last :meth:`partial_fit`."""
+        return self
+
+    def fit(self, acts: Float[Tensor, "*samples feature"], mask: Bool[Tensor, "*samples"] | None = None) -> Simplifier:
+        """Fit on ``acts`` in one call: :meth:`partial_fit` then :meth:`finalize`. Returns ``self``."""
+        return self.partial_fit(acts, mask).finalize()
+
+    # -- application ----------------------------------------------------------------
+    def check_hook(self, hook_name: str) -> None:
+        """Raise unless this simplifier can act at a hook called ``hook_name`` (checked before any forward)."""
+        require(not is_attention_pattern(hook_name),
+                f"{self.describe()} cannot simplify the attention pattern {hook_name!r}; use OneHotAttention there")
+
+    def check_model(self, model: torch.nn.Module, hook_name: str) -> None:
+        """Raise unless editing ``hook_name`` on ``model`` takes effect (default: nothing to check)."""
+        return None
+
+    @abstractmethod
+    def __call__(self, act: Tensor, hook: Any = None) -> Tensor:
+        """The simplified activation, same shape, dtype and device as ``act``."""
+
+
+class FittedSimplifier(Simplifier):
+    """A simplifier with state fitted on activations, streamed batch by batch.
+
+    Subclasses implement ``_reset``, ``_accumulate(x)``, ``_finish()``,
+    ``_apply(x)``, ``_tensors()`` and ``_set_tensors(state)``; ``x`` is always
+    ``[n, group, feature]`` (float, on the activations' device).
+    """
+
+    needs_data: ClassVar[bool] = True
+
+    def __init__(self, per_head: bool | None = None):
+        require(per_head is None or isinstance(per_head, bool),
+                f"{type(self).__name__}: per_head must be True, False or None, got {per_head!r}")
+        self._per_head = per_head
+        self._shape: tuple[int, int] | None = None  # fitted (group, feature)
+        self._pending: tuple[int, int] | None = None  # shape of batches seen since the last reset
+        self._n_seen = 0
+        self._derived: dict[tuple[torch.dtype, torch.device], Any] = {}
+
+    @property
+    def per_head(self) -> bool:
+        """Fit each head separately (``None`` at construction reads as ``False`` when called directly)."""
+        return bool(self._per_head)
+
+    @property
+    def per_head_given(self) -> bool:
+        """Whether ``per_head`` was chosen explicitly; ``fit_proxy`` decides it from the hook name otherwise."""
+        return self._per_head is not None
+
+    def options(self) -> dict[str, Any]:
+        return {"per_head": self._per_head}
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._shape is not None
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples the fitted state saw."""
+        return self._n_seen
+
+    @property
+    def fitted_shape(self) -> tuple[int, int] | None:
+        """``(groups, feature)`` of the fitted state: ``(n_heads, d_head)`` per head, else ``(1, d)``."""
+        return self._shape
+
+    def _fitted_config(self) -> dict[str, Any]:
+        if self._shape is None:
+            return {}
+        return {"fitted_shape": list(self._shape), "n_samples": self._n_seen}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        require(self.is_fitted, f"{self.describe()}: not fitted; call fit() or fit_proxy() first")
+        return dict(self._tensors())
+
+    def _load_state(self, config: dict[str, Any], state: dict[str, Tensor]) -> None:
+        self._shape = (int(config["fitted_shape"][0]), int(config["fitted_shape"][1]))
+        self._n_seen = int(config["n_samples"])
+        self._set_tensors(state)
+        self._derived = {}
+
+    # -- layout -----------------------------------------------------------------------
+    def _grouped(self, act: Tensor) -> Tensor:
+        """``act`` viewed as ``[*leading, group, feature]``."""
+        if self.per_head:
+            require(act.ndim >= 3, f"{self.describe()}: per_head=True needs [..., head, d_head] activations, "
+                    f"got shape {tuple(act.shape)}")
+            return act
+        if act.ndim == 4:  # [batch, pos, head, d_head] fitted jointly over heads
+            return act.flatten(-2).unsqueeze(-2)
+        require(act.ndim >= 1, f"{self.describe()}: activations need a feature dimension")
+        return act.unsqueeze(-2)
+
+    def _samples(self, acts: Tensor, mask: Tensor | None) -> Tensor:
+        if not isinstance(acts, Tensor) or not acts.dtype.is_floating_point:
+            raise IllusionProbeError(f"{self.describe()}: activations must be a float tensor, got {type(acts).__name__}"
+                                     f"{'' if not isinstance(acts, Tensor) else ' of ' + str(acts.dtype)}")
+        grouped = self._grouped(acts)
+        leading = grouped.shape[:-2]
+        if mask is not None:
+            require(isinstance(mask, Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == tuple(leading),
+                    f"{self.describe()}: mask must be a bool tensor of shape {tuple(leading)}, got "
+                    f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+            grouped = grouped[mask.to(grouped.device)]
+        x = grouped.reshape(-1, *grouped.shape[-2:])
+        require(x.shape[0] > 0, f"{self.describe()}: no samples to fit (empty activations or an all-False mask)")
+        require(bool(torch.isfinite(x).all()), f"{self.describe()}: activations contain NaN or inf; "
+                "check the model and inputs before fitting")
+        return x
+
+    # -- streaming fit ------------------------------------------------------------------
+    def partial_fit(self, acts: Float[Tensor, "*samples feature"],
+                    mask: Bool[Tensor, "*samples"] | None = None) -> FittedSimplifier:
+        """Accumulate one batch; ``mask`` (over the leading dims) selects samples. Returns ``self``."""
+        x = self._samples(acts, mask)
+        shape = (x.shape[1], x.shape[2])
+        if self._pending is None:
+            self._check_sizes(shape[1])
+            self._reset(shape, x.device)
+            self._pending, self._n_seen = shape, 0
+        require(shape == self._pending, f"{self.describe()}: batch has (group, feature) {shape}, earlier batches "
+                f"{self._pending}; every batch must come from the same hook")
+        self._accumulate(x)
+        self._n_seen += x.shape[0]
+        return self
+
+    def finalize(self) -> FittedSimplifier:
+        """Freeze the state accumulated since the last :meth:`finalize`. Returns ``self``."""
+        require(self._pending is not None, f"{self.describe()}: no samples to fit; call partial_fit() first")
+        self._finish()
+        self._shape, self._pending = self._pending, None
+        self._derived = {}
+        return self
+
+    def _check_sizes(self, feature: int) -> None:
+        """Refuse a size that cannot fit ``feature``-dimensional samples (before any accumulation)."""
+        return None
+
+    # -- application ----------------------------------------------------------------
+    def derived(self, like: Tensor) -> Any:
+        """Apply-time tensors for ``like``'s dtype and device, built once from the frozen state."""
+        key = (like.dtype, like.device)
+        if key not in self._derived:
+            self._derived[key] = self._derive(like.dtype, like.device)
+        return self._derived[key]
+
+    def _derive(self, dtype: torch.dtype, device: torch.device) -> Any:
+        return {k: v.to(device=device, dtype=dtype) for k, v in self._tensors().items()}
+
+    def __call__(self, act: Float[Tensor, "*samples feature"], hook: Any = None) -> Float[Tensor, "*samples feature"]:
+        """The simplified activation, same shape, dtype and device as ``act``."""
+        require(self._shape is not None, f"{self.describe()}: not fitted; call fit() or fit_proxy() first")
+        grouped = self._grouped(act)
+        require(tuple(grouped.shape[-2:]) == self._shape,
+                f"{self.describe()}: activation {_where(hook)}has (group, feature) {tuple(grouped.shape[-2:])}, "
+                f"fitted on {self._shape}; apply it at the hook it was fitted on")
+        out = self._apply(grouped.reshape(-1, *self._shape))
+        return out.reshape(act.shape)
+
+    @abstractmethod
+    def _reset(self, shape: tuple[int, int], device: torch.device) -> None: ...
+
+    @abstractmethod
+    def _accumulate(self, x: Tensor) -> None: ...
+
+    @abstractmethod
+    def _finish(self) -> None: ...
+
+    @abstractmethod
+    def _apply(self, x: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def _tensors(self) -> dict[str, Tensor]: ...
+
+    @abstractmethod
+    def _set_tensors(self, state: dict[str, Tensor]) -> None: ...
+
+
+def _where(hook: Any) -> str:
+    name = getattr(hook, "name", None)
+    return f"at {name!r} " if name else ""

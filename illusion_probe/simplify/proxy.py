@@ -1,0 +1,237 @@
+"""A proxy: fitted simplifiers spliced into a model at named hooks.
+
+:func:`fit_proxy` validates everything first (split role, hook names, hook
+kinds, shapes, whether edits take effect), then fits every hook in one
+streamed pass over the training split. A :class:`Proxy` is frozen data: its
+simplifiers' tensors, the feature shape of each hook, what it was fit on, and
+provenance. ``with proxy.applied(model): ...`` attaches it through
+``model.hooks`` so nothing is left behind, even when the forward pass raises.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from illusion_probe.artifacts import (
+    METADATA_FILE,
+    atomic_directory,
+    check_format,
+    field,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from illusion_probe.errors import IllusionProbeError, require
+from illusion_probe.hook_names import is_per_head, resolve_hook_name
+from illusion_probe.models import model_backend
+from illusion_probe.provenance import provenance
+from illusion_probe.simplify.base import FittedSimplifier, Simplifier
+from illusion_probe.simplify.collect import collect_activations, probe_feature_shapes
+from illusion_probe.tasks.base import Split
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "tensors.safetensors"
+
+#: ``on_apply(hook_name, act_in, act_out)``: called after each application of a simplifier.
+OnApply = Callable[[str, Tensor, Tensor], None]
+
+
+class Proxy:
+    """Fitted simplifiers keyed by the hook names the user gave.
+
+    Args:
+        simplifiers: ``{hook name: fitted simplifier}``.
+        name: label used in results; defaults to ``"hook:method(size)"`` joined by ``" + "``.
+        feature_shapes: per hook, the activation shape beyond ``[batch, pos]`` on the fit model
+            (``(head,)`` for attention patterns); used by :meth:`check_compatible`.
+        fit_info: what it was fit on (``split``, ``role``, ``n_sequences``, ``n_tokens``).
+        backend: :func:`~illusion_probe.models.model_backend` of the fit model.
+    """
+
+    def __init__(
+        self,
+        simplifiers: Mapping[str, Simplifier],
+        name: str | None = None,
+        feature_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        fit_info: Mapping[str, Any] | None = None,
+        backend: str | None = None,
+    ):
+        require(len(simplifiers) > 0, "Proxy needs at least one {hook name: simplifier}")
+        for hook, simplifier in simplifiers.items():
+            require(isinstance(simplifier, Simplifier),
+                    f"Proxy: the value for {hook!r} is a {type(simplifier).__name__}, not a Simplifier")
+            require(simplifier.is_fitted, f"Proxy: {simplifier.describe()} at {hook!r} is not fitted; use fit_proxy()")
+            simplifier.check_hook(hook)
+        self._simplifiers = dict(simplifiers)
+        self.name = name or " + ".join(f"{hook}:{s.describe()}" for hook, s in self._simplifiers.items())
+        self.feature_shapes = {k: tuple(v) for k, v in (feature_shapes or {}).items()}
+        self.fit_info = dict(fit_info or {})
+        self.backend = backend
+
+    @property
+    def simplifiers(self) -> dict[str, Simplifier]:
+        """``{hook name (as the user gave it): fitted simplifier}``."""
+        return dict(self._simplifiers)
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The hooks this proxy edits, in the order given."""
+        return tuple(self._simplifiers)
+
+    def describe(self) -> str:
+        """The proxy's label (same as ``name``)."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<Proxy {self.name!r}>"
+
+    # -- running ----------------------------------------------------------------------
+    def fwd_hooks(self, on_apply: OnApply | None = None) -> list[tuple[str, Callable[..., Tensor]]]:
+        """``[(hook name, hook fn)]`` for ``model.run_with_hooks`` / ``model.hooks``.
+
+        Args:
+            on_apply: optional ``(hook_name, act_in, act_out) -> None`` called at every application,
+                e.g. to accumulate the explained variance of each reconstruction.
+        """
+        if on_apply is None:
+            return list(self._simplifiers.items())
+        return [(hook, _observed(hook, s, on_apply)) for hook, s in self._simplifiers.items()]
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module, on_apply: OnApply | None = None) -> Iterator[torch.nn.Module]:
+        """Run ``model`` with the proxy inside the block; every hook is removed on exit, even on error.
+
+        Checks :meth:`check_compatible` first (one tiny forward pass; effect probes are cached per model).
+        """
+        self.check_compatible(model)
+        with model.hooks(fwd_hooks=self.fwd_hooks(on_apply)):
+            yield model
+
+    def check_compatible(self, model: torch.nn.Module) -> None:
+        """Raise a one-line error unless every hook exists on ``model`` with the fitted shape and edits take effect."""
+        for hook in self._simplifiers:
+            resolve_hook_name(model, hook)
+        shapes = probe_feature_shapes(model, [h for h in self._simplifiers if h in self.feature_shapes])
+        for hook, shape in shapes.items():
+            if shape != self.feature_shapes[hook]:
+                raise IllusionProbeError(
+                    f"proxy {self.name!r} was fit where {hook!r} has shape {list(self.feature_shapes[hook])} "
+                    f"beyond [batch, pos]; this model has {list(shape)}; fit a proxy on this model"
+                )
+        for hook, simplifier in self._simplifiers.items():
+            simplifier.check_model(model, hook)
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path/`` (``metadata.json`` + ``tensors.safetensors``) atomically."""
+        hooks, tensors = [], {}
+        for index, (hook, simplifier) in enumerate(self._simplifiers.items()):
+            shape = self.feature_shapes.get(hook)
+            hooks.append({"name": hook, "simplifier": simplifier.config(),
+                          "feature_shape": None if shape is None else list(shape)})
+            tensors.update({f"{index}.{key}": t for key, t in simplifier.state_dict().items()})
+        metadata = {"kind": "proxy", "format_version": FORMAT_VERSION, "name": self.name, "hooks": hooks,
+                    "fit": self.fit_info, "backend": self.backend, "provenance": provenance()}
+        with atomic_directory(path) as staging:
+            write_tensors(staging / TENSORS_FILE, tensors)
+            write_json(staging / METADATA_FILE, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Proxy:
+        """Read a proxy written by :meth:`save`; a foreign or newer format is a one-line ``ArtifactError``."""
+        root = Path(path)
+        meta_file = root / METADATA_FILE
+        metadata = read_json(meta_file)
+        check_format(metadata, meta_file, "proxy", FORMAT_VERSION)
+        tensors = read_tensors(root / TENSORS_FILE, device=device)
+
+        def rebuild(hooks: list[dict[str, Any]]) -> tuple[dict[str, Simplifier], dict[str, tuple[int, ...]]]:
+            simplifiers, shapes = {}, {}
+            for index, entry in enumerate(hooks):
+                prefix = f"{index}."
+                state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+                simplifiers[entry["name"]] = Simplifier.from_state(entry["simplifier"], state)
+                if entry["feature_shape"] is not None:
+                    shapes[entry["name"]] = tuple(int(d) for d in entry["feature_shape"])
+            return simplifiers, shapes
+
+        simplifiers, shapes = field(metadata, "hooks", meta_file, rebuild)
+        return cls(simplifiers, name=field(metadata, "name", meta_file, str), feature_shapes=shapes,
+                   fit_info=field(metadata, "fit", meta_file, dict), backend=metadata.get("backend"))
+
+
+def _observed(hook_name: str, simplifier: Simplifier, on_apply: OnApply) -> Callable[..., Tensor]:
+    def hook_fn(act: Tensor, hook: Any = None) -> Tensor:
+        out = simplifier(act, hook)
+        on_apply(hook_name, act, out)
+        return out
+    return hook_fn
+
+
+def _fit_copy(hook: str, simplifier: Simplifier) -> Simplifier:
+    """An unfitted copy; ``per_head`` follows the hook name unless the caller chose it."""
+    if not isinstance(simplifier, FittedSimplifier):
+        return simplifier.unfitted()
+    per_head = simplifier.per_head if simplifier.per_head_given else is_per_head(hook)
+    require(not per_head or is_per_head(hook),
+            f"{simplifier.describe()}: per_head=True needs a per-head hook (hook_q/k/v/z), not {hook!r}")
+    return simplifier.unfitted(per_head=per_head)
+
+
+def fit_proxy(
+    model: torch.nn.Module,
+    simplifiers: Mapping[str, Simplifier],
+    split: Split,
+    n_sequences: int = 1000,
+    batch_size: int = 64,
+    allow_non_train: bool = False,
+    name: str | None = None,
+) -> Proxy:
+    """Fit unfitted *copies* of ``simplifiers`` on ``split`` in one streamed pass; the arguments are not modified.
+
+    Args:
+        model: a HookedTransformer or TransformerBridge.
+        simplifiers: ``{hook name: simplifier}``; legacy and canonical names both work and
+            the proxy is keyed by the names given. ``per_head`` defaults to the hook kind.
+        split: the training split (``role == "train"``).
+        n_sequences: fit on the first ``n_sequences`` sequences (real positions only).
+        batch_size: sequences per forward pass.
+        allow_non_train: permit fitting on a split whose role is not ``"train"``.
+        name: the proxy's label (see :class:`Proxy`).
+    """
+    require(split.role == "train" or allow_non_train,
+            f"fit_proxy: split {split.name!r} has role {split.role!r}; fitting off the training distribution "
+            "would hide the very gap we measure (pass allow_non_train=True to do it anyway)")
+    require(len(simplifiers) > 0, "fit_proxy: give at least one {hook name: simplifier}")
+    require(isinstance(n_sequences, int) and n_sequences > 0, f"fit_proxy: n_sequences must be positive, got {n_sequences!r}")
+    canonical: dict[str, str] = {}
+    for hook, simplifier in simplifiers.items():
+        require(isinstance(simplifier, Simplifier),
+                f"fit_proxy: the value for {hook!r} is a {type(simplifier).__name__}, not a Simplifier")
+        resolved = resolve_hook_name(model, hook)
+        require(resolved not in canonical.values(), f"fit_proxy: {hook!r} names the same hook as another entry")
+        canonical[hook] = resolved
+        simplifier.check_hook(hook)
+    fitted = {hook: _fit_copy(hook, s) for hook, s in simplifiers.items()}
+    shapes = probe_feature_shapes(model, list(fitted))
+    for hook, simplifier in fitted.items():
+        simplifier.check_model(model, hook)
+    data_hooks = [hook for hook, s in fitted.items() if s.needs_data]
+    n = min(n_sequences, len(split))
+    if data_hooks:
+        for batch in collect_activations(model, split, data_hooks, n_sequences=n, batch_size=batch_size):
+            for hook in data_hooks:
+                acts = batch[hook]
+                fitted[hook].partial_fit(acts if fitted[hook].per_head else acts.flatten(1))
+        for hook in data_hooks:
+            fitted[hook].finalize()
+    fit_info = {"split": split.name, "role": split.role, "n_sequences": n, "n_tokens": int(split.real_mask[:n].sum())}
+    return Proxy(fitted, name=name, feature_shapes=shapes, fit_info=fit_info, backend=model_backend(model))

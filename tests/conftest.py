@@ -1,0 +1,81 @@
+"""Shared fixtures: one tiny random model per family, built in milliseconds with no network.
+
+Families: ``hooked_transformer`` (TransformerLens 3.x only), ``native_bridge``
+(``TransformerBridge.boot_native``) and ``hf_gpt2_bridge`` (a bridge wrapping a
+random Hugging Face GPT-2 saved to a temp dir). All three share the same sizes
+(``TINY_SIZES``, ``TINY_CONFIG``), so a proxy fit on one has the hook shapes of
+the others. ``model_family`` is parametrised over the three.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
+from illusion_probe.tasks.base import Split
+
+TINY_SIZES = ModelSizes(d_vocab=50, n_ctx=32)
+TINY_CONFIG = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=128, act_fn="gelu_new", seed=0)
+MODEL_FAMILIES = ("hooked", "bridge", "bridge_hf")
+
+
+@pytest.fixture(scope="session")
+def hooked_transformer() -> torch.nn.Module:
+    """A HookedTransformer; skipped where TransformerLens >= 4 removed it."""
+    if "hooked" not in available_backends():
+        pytest.skip("HookedTransformer needs TransformerLens < 4")
+    return build_model(TINY_SIZES, TINY_CONFIG, backend="hooked")
+
+
+@pytest.fixture(scope="session")
+def native_bridge() -> torch.nn.Module:
+    """A ``TransformerBridge.boot_native`` model."""
+    return build_model(TINY_SIZES, TINY_CONFIG, backend="bridge")
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_bridge(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    """A bridge over a random HF GPT-2 saved locally; booted offline (no tokenizer needed)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    config = GPT2Config(n_layer=TINY_CONFIG.n_layers, n_embd=TINY_CONFIG.d_model, n_head=TINY_CONFIG.n_heads,
+                        vocab_size=TINY_SIZES.d_vocab, n_positions=TINY_SIZES.n_ctx)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        GPT2LMHeadModel(config).save_pretrained(folder)
+    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({key: "1" for key in saved})
+    hf_logging.disable_progress_bar()
+    try:
+        model = TransformerBridge.boot_transformers(str(folder), device="cpu")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=MODEL_FAMILIES)
+def model_family(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """Each model family in turn: ``hooked`` (skipped on TL 4), ``bridge``, ``bridge_hf``."""
+    fixture = {"hooked": "hooked_transformer", "bridge": "native_bridge", "bridge_hf": "hf_gpt2_bridge"}
+    return request.getfixturevalue(fixture[request.param])
+
+
+@pytest.fixture(scope="session")
+def random_train_split() -> Split:
+    """24 random sequences of 12 tokens with ragged right padding (pad id 0 never occurs as a real token)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, TINY_SIZES.d_vocab, (24, 12), generator=generator)
+    lengths = torch.randint(4, 13, (24,), generator=generator)
+    tokens[torch.arange(12) >= lengths[:, None]] = 0
+    return Split.from_tokens(tokens, "train", name="train", pad_id=0)
