@@ -33,7 +33,7 @@ from illusion_probe.results import Results
 from illusion_probe.simplify.proxy import Proxy
 from illusion_probe.sweep import sweep_proxies
 from illusion_probe.tasks import Task, task_from_dict
-from illusion_probe.tasks.base import SplitSet
+from illusion_probe.tasks.base import Split, SplitSet
 from illusion_probe.training import TrainConfig, train
 
 try:  # Python >= 3.11
@@ -47,8 +47,9 @@ class ProbeConfig:
     """What to simplify and how to evaluate it.
 
     Attributes:
-        layer: analysed layer (negative counts from the end; -1 is the last layer).
-        head: head whose keys and queries the projection figure shows.
+        layers: analysed layers (negative counts from the end; ``(-1,)`` is the last layer only).
+            Every listed layer gets its own key/query and residual-stream sweeps.
+        head: head whose keys and queries the projection figure shows (in the last listed layer).
         n_fit_sequences: train sequences the simplifiers are fit on (the paper uses about 1,000).
         kq_pca_sizes: PCA ranks for the analysed layer's keys and queries (per head).
         resid_pca_sizes: PCA ranks for the residual stream entering the analysed layer.
@@ -60,7 +61,7 @@ class ProbeConfig:
         projection_points: points per split in the projection figure.
     """
 
-    layer: int = -1
+    layers: tuple[int, ...] = (-1,)
     head: int = 0
     n_fit_sequences: int = 1000
     kq_pca_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -146,18 +147,43 @@ def _log(message: str) -> None:
     print(f"[illusion-probe] {message}", file=sys.stderr, flush=True)
 
 
-def analysed_hooks(model: torch.nn.Module, probe: ProbeConfig) -> dict[str, list[str]]:
-    """Hook groups of the analysed layer, each name checked against the model."""
+def analysed_layers(model: torch.nn.Module, probe: ProbeConfig) -> list[int]:
+    """The probe's layers as non-negative indices, checked (with the head and hook names) against the model."""
     n_layers = int(model.cfg.n_layers)
-    layer = probe.layer % n_layers if -n_layers <= probe.layer < n_layers else None
-    require(layer is not None, f"probe.layer={probe.layer} is outside a {n_layers}-layer model")
+    require(len(probe.layers) > 0, "probe.layers is empty; list at least one layer, e.g. [-1]")
+    for layer in probe.layers:
+        require(-n_layers <= layer < n_layers, f"probe.layers has {layer}, outside a {n_layers}-layer model")
     require(0 <= probe.head < int(model.cfg.n_heads), f"probe.head={probe.head} but the model has {model.cfg.n_heads} heads")
-    groups = {"kq": [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_q"],
-              "resid": [f"blocks.{layer}.hook_resid_pre"], "pattern": [f"blocks.{layer}.attn.hook_pattern"]}
-    for hooks in groups.values():
-        for hook in hooks:
-            resolve_hook_name(model, hook)
-    return groups
+    layers = list(dict.fromkeys(layer % n_layers for layer in probe.layers))
+    for layer in layers:
+        for hooks in layer_hooks(layer).values():
+            for hook in hooks:
+                resolve_hook_name(model, hook)
+    return layers
+
+
+def layer_hooks(layer: int) -> dict[str, list[str]]:
+    """The hook groups studied in one layer: keys+queries, the residual stream entering it, its attention pattern."""
+    return {"kq": [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_q"],
+            "resid": [f"blocks.{layer}.hook_resid_pre"], "pattern": [f"blocks.{layer}.attn.hook_pattern"]}
+
+
+def study_proxies(model: torch.nn.Module, fit: Split, probe: ProbeConfig) -> dict[str, Proxy]:
+    """Every proxy of the study, for every analysed layer: PCA on keys/queries and on the residual
+    stream, k-means on keys/queries, one-hot attention, and mean/zero ablation baselines."""
+    n = probe.n_fit_sequences
+    proxies: dict[str, Proxy] = {}
+    for layer in analysed_layers(model, probe):
+        groups = layer_hooks(layer)
+        proxies.update({
+            **sweep_proxies(model, fit, groups["kq"], "pca", probe.kq_pca_sizes, n),
+            **sweep_proxies(model, fit, groups["resid"], "pca", probe.resid_pca_sizes, n),
+            **sweep_proxies(model, fit, groups["kq"], "kmeans", probe.kmeans_sizes, n),
+            **sweep_proxies(model, fit, groups["pattern"], "onehot_attention", (None,), n),
+            **sweep_proxies(model, fit, groups["kq"], "mean_ablation", (None,), n),
+            **sweep_proxies(model, fit, groups["kq"], "zero_ablation", (None,), n),
+        })
+    return proxies
 
 
 def fit_or_reuse(path: Path, model: torch.nn.Module, splits: SplitSet, probe: ProbeConfig,
@@ -170,17 +196,7 @@ def fit_or_reuse(path: Path, model: torch.nn.Module, splits: SplitSet, probe: Pr
             _log(f"reusing fitted proxies in {path}")
             return {name: Proxy.load(path / folder) for name, folder in saved["proxies"].items()}
     _log("fitting proxies")
-    groups = analysed_hooks(model, probe)
-    fit = splits["train"]
-    n = probe.n_fit_sequences
-    proxies = {
-        **sweep_proxies(model, fit, groups["kq"], "pca", probe.kq_pca_sizes, n),
-        **sweep_proxies(model, fit, groups["resid"], "pca", probe.resid_pca_sizes, n),
-        **sweep_proxies(model, fit, groups["kq"], "kmeans", probe.kmeans_sizes, n),
-        **sweep_proxies(model, fit, groups["pattern"], "onehot_attention", (None,), n),
-        **sweep_proxies(model, fit, groups["kq"], "mean_ablation", (None,), n),
-        **sweep_proxies(model, fit, groups["kq"], "zero_ablation", (None,), n),
-    }
+    proxies = study_proxies(model, splits["train"], probe)
     with atomic_directory(path) as staging:
         folders = {name: f"proxy_{i:03d}" for i, name in enumerate(proxies)}
         for name, proxy in proxies.items():
@@ -215,7 +231,7 @@ def prepare(run: RunConfig, out: str | os.PathLike, device: str = "auto", seed: 
     splits = task.make_splits(seed=seed)
     require(splits.max_len <= task.n_ctx, f"splits hold {splits.max_len} tokens but the task's n_ctx is {task.n_ctx}")
     model = build_model(task, model_cfg)
-    analysed_hooks(model, run.probe)  # a bad layer, head or hook fails here, before training
+    analysed_layers(model, run.probe)  # a bad layer, head or hook fails here, before training
     train_stamp = fingerprint(run.task, model_cfg.to_dict(), dataclasses.asdict(train_cfg), seed)
     probe_stamp = fingerprint(train_stamp, dataclasses.asdict(run.probe))
     return Prepared(run, out_dir, seed, device, task, splits, model, train_cfg, train_stamp, probe_stamp)
@@ -253,7 +269,7 @@ def probe(prep: Prepared, model: torch.nn.Module, train_info: dict[str, Any]) ->
         tick = time.perf_counter()
         results = evaluate(model, proxies, eval_splits, prep.task, batch_size=run.probe.batch_size,
                            n_boot=run.probe.n_boot, seed=prep.seed, ablation=run.probe.ablation)
-        layer = int(analysed_hooks(model, run.probe)["kq"][0].split(".")[1])
+        layer = analysed_layers(model, run.probe)[-1]
         results.extras["projection"] = key_query_projection(model, eval_splits, layer, run.probe.head,
                                                             run.probe.projection_points, seed=prep.seed)
         results.meta.update({"fingerprint": prep.probe_stamp, "run": run.to_dict(), "seed": prep.seed,
