@@ -156,6 +156,10 @@ class SplitSet(Mapping[str, Split]):
             raise IllusionProbeError(f"no split named {name!r}; available: {', '.join(self._splits)}")
         return self._splits[name]
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default goes through __getitem__, which raises IllusionProbeError, not KeyError.
+        return name in self._splits
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._splits)
 

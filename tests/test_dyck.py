@@ -1,0 +1,245 @@
+"""Dyck task: splits checked against an independent plain-Python stack reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from illusion_probe.errors import IllusionProbeError
+from illusion_probe.tasks import task_from_dict
+from illusion_probe.tasks.dyck import DyckConfig, DyckTask
+from illusion_probe.tasks.dyck_sampler import SamplerSpec, bracket_labels, iter_batches, sample_batch
+
+SMALL = DyckConfig(k=3, m=3, max_len=20, min_len=5, n_train=300, n_test=80, n_ood=60, ood_max_len=28,
+                   ood_max_depth=5, holdout_fraction=0.4)
+
+
+def reference(ids: list[int], k: int) -> dict:
+    """Parse one sequence with a plain stack: labels, skeletons and validity."""
+    bos, pad, first_close = 0, 1, 2 + k
+    real = [i for i in ids if i != pad]
+    assert real[0] == bos and bos not in real[1:], "BOS only at the start"
+    assert ids[len(real):] == [pad] * (len(ids) - len(real)), "padding only on the right"
+    stack: list[tuple[int, int]] = []  # (type, position)
+    depth, skeletons, block, deepest = [], [], "", 0
+    for pos, tok in enumerate(real):
+        if pos > 0 and tok < first_close:
+            stack.append((tok - 2, pos))
+            block += "("
+        elif pos > 0:
+            assert stack and stack[-1][0] == tok - first_close, "close must match the top of the stack"
+            stack.pop()
+            block += ")"
+            if not stack:
+                skeletons.append(block)
+                block = ""
+        depth.append(len(stack))
+        deepest = max(deepest, len(stack))
+    assert not stack, "sequence must be balanced"
+    n = len(ids)
+    next_closes = [pos + 1 < len(real) and real[pos + 1] >= first_close for pos in range(n)]
+    targets = [real[pos + 1] if next_closes[pos] else None for pos in range(n)]
+    match_pos = [-1] * n
+    for pos in range(n):
+        if next_closes[pos]:  # the open at the same depth most recently
+            match_pos[pos] = max(j for j in range(1, pos + 1) if real[j] < first_close and depth[j] == depth[pos])
+    return {"len": len(real), "depth": depth + [0] * (n - len(real)), "next_closes": next_closes,
+            "targets": targets, "match_pos": match_pos, "skeletons": skeletons, "deepest": deepest}
+
+
+def check_splits(task: DyckTask, splits) -> None:
+    """Every property the splits promise, against :func:`reference`."""
+    cfg = task.config
+    assert list(splits) == ["train", "test", "ood_unseen_structure", "ood_longer", "ood_deeper"]
+    assert [s.role for s in splits.values()] == ["train", "id", "ood", "ood", "ood"]
+    sizes = {"train": cfg.n_train, "test": cfg.n_test}
+    all_keys: set[tuple[int, ...]] = set()
+    parsed = {}
+    for name, split in splits.items():
+        assert len(split) == sizes.get(name, cfg.n_ood)
+        assert split.tokens.shape[1] <= task.n_ctx
+        json.dumps(split.meta)
+        keys = {tuple(row[row != task.pad_id].tolist()) for row in split.tokens}
+        assert len(keys) == len(split), f"{name}: duplicate sequences"
+        assert not keys & all_keys, f"{name}: shares a sequence with an earlier split"
+        all_keys |= keys
+        parsed[name] = []
+        for i, row in enumerate(split.tokens.tolist()):
+            ref = reference(row, cfg.k)
+            parsed[name].append(ref)
+            assert split.labels["depth"][i].tolist() == ref["depth"]
+            assert split.eval_mask[i].tolist() == ref["next_closes"]
+            assert split.labels["match_pos"][i].tolist() == ref["match_pos"]
+            assert split.real_mask[i].tolist() == [j < ref["len"] for j in range(len(row))]
+            targets = split.targets[i].tolist()
+            assert all(t == targets[j] for j, t in enumerate(ref["targets"]) if t is not None)
+            held = [task.is_held_out(s) for s in ref["skeletons"]]
+            assert any(held) == (name == "ood_unseen_structure"), f"{name}: held-out skeletons {ref['skeletons']}"
+            deep_bound = cfg.ood_max_depth if name == "ood_deeper" else cfg.m
+            assert ref["deepest"] <= deep_bound
+            long_bound = cfg.ood_max_len if name == "ood_longer" else cfg.max_len
+            assert ref["len"] <= long_bound
+            if name not in ("ood_longer",):
+                assert ref["len"] >= cfg.min_len
+    longest_train = max(r["len"] for r in parsed["train"])
+    assert all(r["len"] > longest_train for r in parsed["ood_longer"])
+    assert all(r["len"] > cfg.max_len for r in parsed["ood_longer"])
+    assert all(r["deepest"] > cfg.m for r in parsed["ood_deeper"])
+
+
+@pytest.fixture(scope="module")
+def small_splits():
+    task = DyckTask(SMALL)
+    return task, task.make_splits(seed=0)
+
+
+def test_splits_match_the_stack_reference(small_splits) -> None:
+    check_splits(*small_splits)
+
+
+def test_labels_follow_the_documented_conventions() -> None:
+    task = DyckTask(SMALL)
+    tokens = task.encode("BOS (0 (1 )1 (2 )2 )0 (1 )1 PAD").unsqueeze(0)
+    depth, next_closes, match_pos = bracket_labels(tokens, SMALL.k)
+    assert depth[0].tolist() == [0, 1, 2, 1, 2, 1, 0, 1, 0, 0]
+    assert next_closes[0].tolist() == [False, False, True, False, True, True, False, True, False, False]
+    assert match_pos[0].tolist() == [-1, -1, 2, -1, 4, 1, -1, 7, -1, -1]
+
+
+def test_same_seed_same_splits_other_seed_other_splits(small_splits) -> None:
+    task, splits = small_splits
+    again = task.make_splits(seed=0)
+    other = task.make_splits(seed=1)
+    for name, split in splits.items():
+        assert torch.equal(split.tokens, again[name].tokens)
+        assert not torch.equal(split.tokens, other[name].tokens)
+
+
+def test_make_splits_leaves_global_rng_alone() -> None:
+    before = torch.random.get_rng_state()
+    DyckTask(SMALL).make_splits(seed=3)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    k=st.integers(2, 3), m=st.integers(3, 4), extra_len=st.integers(0, 8), min_len=st.integers(3, 9),
+    fraction=st.floats(0.3, 0.7), holdout_seed=st.integers(0, 2**31), split_seed=st.integers(0, 2**31),
+)
+def test_random_small_configs(k, m, extra_len, min_len, fraction, holdout_seed, split_seed) -> None:
+    max_len = 2 * m + 9 + extra_len
+    cfg = DyckConfig(k=k, m=m, max_len=max_len, min_len=min(min_len, max_len), holdout_fraction=fraction,
+                     n_train=60, n_test=20, n_ood=15, ood_max_len=max_len + 8, ood_max_depth=m + 2, seed=holdout_seed)
+    task = DyckTask(cfg)
+    check_splits(task, task.make_splits(seed=split_seed))
+
+
+def test_vectorised_hold_out_flag_equals_the_python_definition() -> None:
+    task = DyckTask(SMALL)
+    batch = sample_batch(SamplerSpec(3, 3, 3, 20), 4000, torch.Generator().manual_seed(0), SMALL.holdout)
+    flags = [any(task.is_held_out(s) for s in reference(row, 3)["skeletons"]) for row in batch.tokens.tolist()]
+    assert flags == batch.has_held_out.tolist()
+    assert 0 < sum(flags) < len(flags)
+
+
+def test_tiny_skeletons_are_never_held_out() -> None:
+    for seed in range(50):
+        holdout = dataclasses.replace(SMALL, holdout_fraction=0.99, seed=seed).holdout
+        assert not holdout.is_held_out("()") and not holdout.is_held_out("(())")
+
+
+def python_process(spec: SamplerSpec, rng: random.Random) -> list[int] | None:
+    """The process step by step, one token at a time; None when it overflows ``max_len``."""
+    seq, stack = [0], []
+    while True:
+        if not stack and len(seq) >= spec.min_len and rng.random() < 0.5:
+            return seq
+        if len(seq) == spec.max_len:
+            return None
+        if not stack or (len(stack) < spec.max_depth and rng.random() >= 0.5):
+            stack.append(rng.randrange(spec.k))
+            seq.append(2 + stack[-1])
+        else:
+            seq.append(2 + spec.k + stack.pop())
+
+
+def test_sampler_matches_a_per_token_python_process_in_distribution() -> None:
+    spec = SamplerSpec(k=2, max_depth=3, min_len=5, max_len=21)
+    rng = random.Random(0)
+    python = [s for s in (python_process(spec, rng) for _ in range(6000)) if s is not None]
+    batch = sample_batch(spec, 12000, torch.Generator().manual_seed(0))
+    vector_mean = batch.lengths.float().mean().item()
+    python_mean = sum(map(len, python)) / len(python)
+    assert abs(vector_mean - python_mean) < 0.4
+    accept_python, accept_vector = len(python) / 6000, len(batch.lengths) / 12000
+    assert abs(accept_python - accept_vector) < 0.03
+
+
+def test_iter_batches_yields_exactly_n() -> None:
+    spec = SamplerSpec(k=2, max_depth=3, min_len=3, max_len=15)
+    total = sum(len(b.lengths) for b in iter_batches(spec, 1234, 500, torch.Generator().manual_seed(0)))
+    assert total == 1234
+
+
+def test_vocab_encode_decode_and_sizes() -> None:
+    task = DyckTask(SMALL)
+    assert task.vocab[:2] == ["BOS", "PAD"] and len(task.vocab) == 2 + 2 * SMALL.k
+    text = "BOS (0 (2 )2 )0"
+    assert task.decode(task.encode(text)) == text
+    assert [task.vocab[i] for i in task.answer_ids] == [")0", ")1", ")2"]
+    assert task.n_ctx == max(SMALL.max_len, SMALL.ood_max_len)
+    with pytest.raises(IllusionProbeError, match="unknown Dyck token"):
+        task.encode("BOS (7")
+
+
+def test_config_round_trip_and_presets() -> None:
+    task = DyckTask(SMALL)
+    data = json.loads(json.dumps(task.to_dict()))
+    again = task_from_dict(data)
+    assert isinstance(again, DyckTask) and again.config == SMALL
+    paper = DyckConfig.preset("paper")
+    assert (paper.k, paper.m) == (20, 10)
+    assert DyckConfig.preset("quick") == DyckConfig()
+    with pytest.raises(IllusionProbeError, match="unknown Dyck preset"):
+        DyckConfig.preset("huge")
+    with pytest.raises(IllusionProbeError, match="unknown field"):
+        DyckTask.from_config_dict({**data["config"], "depth": 3})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"k": 0}, "k must be >= 1"),
+        ({"m": 0}, "m \\(depth bound\\) must be >= 1"),
+        ({"m": 1}, "none can be held out"),
+        ({"min_len": 2}, "min_len must be >= 3"),
+        ({"max_len": 8, "min_len": 9, "m": 2}, "no sequence fits"),
+        ({"holdout_fraction": 1.0}, "leaves no trainable"),
+        ({"holdout_fraction": 0.0}, "holdout_fraction must be in"),
+        ({"holdout_min_pairs": 1}, "never held out"),
+        ({"ood_max_depth": 3}, "must exceed m"),
+        ({"max_len": 8}, "ood_deeper needs depth"),
+        ({"ood_max_len": 20}, "leaves no room for ood_longer"),
+        ({"n_ood": 0}, "n_ood must be >= 1"),
+        ({"k": 2.5}, "k must be an integer"),
+    ],
+)
+def test_bad_config_is_one_line_error(change: dict, message: str) -> None:
+    with pytest.raises(IllusionProbeError, match=message) as info:
+        dataclasses.replace(SMALL, **change)
+    assert "\n" not in str(info.value)
+
+
+def test_unreachable_split_fails_with_a_clear_error() -> None:
+    # Depth 2 within 7 tokens allows one 3-pair skeleton; this seed keeps it, so nothing is held out.
+    cfg = DyckConfig(k=1, m=2, max_len=7, min_len=3, holdout_fraction=0.01, n_train=1, n_test=1, n_ood=1,
+                     ood_max_len=9, ood_max_depth=3, seed=0)
+    assert not DyckTask(cfg).is_held_out("(()())")
+    with pytest.raises(IllusionProbeError, match="ood_unseen_structure"):
+        DyckTask(cfg).make_splits()
