@@ -16,7 +16,7 @@ import torch
 
 import illusion_probe as ip
 from illusion_probe.pipeline import load_preset
-from illusion_probe.sweep import sweep_proxies
+from illusion_probe.sweeps import sweep_proxies
 from illusion_probe.tasks import task_from_dict
 
 

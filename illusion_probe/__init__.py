@@ -46,8 +46,8 @@ _EXPORTS: dict[str, str] = {
     "Proxy": "illusion_probe.simplify.proxy",
     "fit_proxy": "illusion_probe.simplify.proxy",
     # evaluation and report
-    "evaluate": "illusion_probe.evaluate",
-    "sweep": "illusion_probe.sweep",
+    "evaluate": "illusion_probe.evaluation",
+    "sweep": "illusion_probe.sweeps",
     "Results": "illusion_probe.results",
     "write_report": "illusion_probe.report.html",
 }

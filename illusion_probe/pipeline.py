@@ -24,14 +24,14 @@ import torch
 from illusion_probe.artifacts import atomic_directory, read_json, write_json
 from illusion_probe.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from illusion_probe.errors import ArtifactError, IllusionProbeError, require
-from illusion_probe.evaluate import evaluate
+from illusion_probe.evaluation import evaluate
 from illusion_probe.hook_names import resolve_hook_name
 from illusion_probe.models import ModelConfig, build_model, resolve_device
 from illusion_probe.projection import key_query_projection
 from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
 from illusion_probe.simplify.proxy import Proxy
-from illusion_probe.sweep import sweep_proxies
+from illusion_probe.sweeps import sweep_proxies
 from illusion_probe.tasks import Task, task_from_dict
 from illusion_probe.tasks.base import Split, SplitSet
 from illusion_probe.training import TrainConfig, train

@@ -30,10 +30,16 @@ def git_hash(start: Path | None = None) -> str | None:
     return commit if out.returncode == 0 and commit else None
 
 
+def _own_version() -> str:
+    from illusion_probe import __version__
+
+    return __version__
+
+
 def versions() -> dict[str, str | None]:
     """Versions that decide whether a saved object reproduces: ours, TransformerLens, torch."""
     return {
-        "illusion_probe": package_version("illusion-probe"),
+        "illusion_probe": package_version("illusion-probe") or _own_version(),
         "transformer_lens": package_version("transformer-lens"),
         "torch": package_version("torch"),
         "python": platform.python_version(),

@@ -202,6 +202,13 @@ def test_public_names_resolve() -> None:
         ip.not_a_name  # noqa: B018
 
 
+def test_exported_functions_are_not_shadowed_by_submodules() -> None:
+    import illusion_probe.pipeline  # noqa: F401 - imports every submodule the package has
+
+    for name in ("evaluate", "sweep", "train", "build_model", "fit_proxy", "write_report"):
+        assert callable(getattr(ip, name)) and not isinstance(getattr(ip, name), type(ip)), name
+
+
 def test_cli_info_runs(capsys) -> None:
     from illusion_probe.cli import main
 

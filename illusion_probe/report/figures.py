@@ -47,6 +47,12 @@ def sweep_groups(results: Results) -> list[tuple[str, str]]:
     return [group for group, found in sizes.items() if len(found) > 1]
 
 
+def _group_title(results: Results, method: str, hooks: str) -> str:
+    """``method<br>hooks``, with the hooks as the proxy names abbreviate them (after the ``@``)."""
+    proxy = next(r.proxy for r in results.records if (r.method, r.hooks) == (method, hooks))
+    return f"{method}<br>{proxy.split('@', 1)[1] if '@' in proxy else hooks}"
+
+
 def sweep_figure(results: Results, metrics: Sequence[str] = ("agreement", "kl"), category: str = "all") -> go.Figure:
     """The central "illusion" figure: each metric against rank / cluster count, one line per split.
 
@@ -56,7 +62,7 @@ def sweep_figure(results: Results, metrics: Sequence[str] = ("agreement", "kl"),
     colours = _split_colours(results)
     fig = make_subplots(
         rows=len(metrics), cols=max(len(groups), 1), shared_xaxes=False, vertical_spacing=0.12,
-        horizontal_spacing=0.06, column_titles=[f"{m} @ {h}" for m, h in groups] or ["no sweep in these results"],
+        horizontal_spacing=0.06, column_titles=[_group_title(results, m, h) for m, h in groups] or ["no sweep"],
     )
     for col, (method, hooks) in enumerate(groups, start=1):
         for row, metric in enumerate(metrics, start=1):

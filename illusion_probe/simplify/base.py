@@ -94,8 +94,15 @@ class Simplifier(ABC):
         return target(**options)
 
     def unfitted(self, size: int | None = None, **changes: Any) -> Simplifier:
-        """A fresh unfitted copy with the same options, optionally at another ``size`` or with ``changes``."""
-        return Simplifier.create(self.method, size, **{**self.options(), **changes})
+        """A fresh unfitted copy with the same options, optionally at another ``size`` or with ``changes``.
+
+        Built from ``type(self)``, so user-defined subclasses work without registration.
+        """
+        options = {**self.options(), **changes}
+        if size is not None:
+            require(self.size_option is not None, f"simplifier {self.method!r} has no size; pass size=None")
+            options[self.size_option] = size
+        return type(self)(**options)
 
     def config(self) -> dict[str, Any]:
         """JSON config: ``method``, constructor options and (once fitted) the fitted shape."""

@@ -140,6 +140,13 @@ class Split:
         return cls(name=name, role=role, tokens=tokens, eval_mask=eval_mask, targets=targets, real_mask=real)
 
 
+class MissingSplitError(IllusionProbeError, KeyError):
+    """A split name that is not in the set: a one-line error that ``Mapping.get`` and ``in`` understand."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class SplitSet(Mapping[str, Split]):
     """Named splits in a fixed order: ``train`` first, then ``test``, then the ``ood_*`` splits."""
 
@@ -153,12 +160,8 @@ class SplitSet(Mapping[str, Split]):
 
     def __getitem__(self, name: str) -> Split:
         if name not in self._splits:
-            raise IllusionProbeError(f"no split named {name!r}; available: {', '.join(self._splits)}")
+            raise MissingSplitError(f"no split named {name!r}; available: {', '.join(self._splits)}")
         return self._splits[name]
-
-    def __contains__(self, name: object) -> bool:
-        # Mapping's default goes through __getitem__, which raises IllusionProbeError, not KeyError.
-        return name in self._splits
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._splits)

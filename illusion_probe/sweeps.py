@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from illusion_probe.errors import require
-from illusion_probe.evaluate import evaluate
+from illusion_probe.evaluation import evaluate
 from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
 from illusion_probe.simplify.proxy import Proxy, fit_proxy
