@@ -10,12 +10,15 @@ does not change the cost of a forward pass.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 import illusion_probe as ip
+from illusion_probe.models import model_backend
 from illusion_probe.pipeline import load_preset
+from illusion_probe.provenance import package_version
 from illusion_probe.sweeps import sweep_proxies
 from illusion_probe.tasks import task_from_dict
 
@@ -33,20 +36,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=2000, help="sequences per split")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--backend", default="auto", help="auto, hooked (TransformerLens < 4) or bridge")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run = load_preset("dyck", "quick")
-    task = task_from_dict(run.task)
+    task = ip.DyckTask(dataclasses.replace(task_from_dict(run.task).config, n_test=args.sequences,
+                                           n_ood=args.sequences))
     all_splits = task.make_splits(seed=0)
-    model = ip.build_model(task, run.model)
+    model = ip.build_model(task, run.model, backend=args.backend)
     layer = run.model.n_layers - 1
     kq = [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_q"]
     resid = [f"blocks.{layer}.hook_resid_pre"]
     fit = all_splits["train"]
-    proxies = {**sweep_proxies(model, fit, kq, "pca", (1, 2, 4, 8, 16, 32), 500),
+    proxies = {**sweep_proxies(model, fit, kq, "pca", (1, 2, 4, 8, 16), 500),
                **sweep_proxies(model, fit, resid, "pca", (1, 2, 4, 8, 16, 32, 64), 500),
                **sweep_proxies(model, fit, kq, "kmeans", (2, 4, 8, 16, 32, 64), 500),
-               **sweep_proxies(model, fit, [f"blocks.{layer}.attn.hook_pattern"], "onehot_attention", (None,))}
+               **sweep_proxies(model, fit, [f"blocks.{layer}.attn.hook_pattern"], "onehot_attention", (None,)),
+               **sweep_proxies(model, fit, kq, "mean_ablation", (None,), 500)}
     assert len(proxies) == 20, len(proxies)
     splits = ip.SplitSet([all_splits[name].head(args.sequences) for name in
                           ("test", "ood_unseen_structure", "ood_longer", "ood_deeper")])
@@ -58,7 +63,8 @@ def main() -> None:
         ip.evaluate(model, proxies, splits, task, batch_size=args.batch_size, n_boot=1000, reuse_prefix=reuse,
                     progress=False)
         timings[reuse] = time.perf_counter() - tick
-    print(f"model: quick preset architecture ({run.model.n_layers} layers, d_model {run.model.d_model}); "
+    print(f"model: quick preset architecture ({run.model.n_layers} layers, d_model {run.model.d_model}), "
+          f"{model_backend(model)} on TransformerLens {package_version('transformer-lens')}; "
           f"4 splits x {args.sequences} sequences; 20 proxies; threads {torch.get_num_threads()}")
     print(f"clean forward passes alone:           {clean:8.2f} s")
     print(f"evaluate, full pass per proxy:        {timings[False]:8.2f} s  ({timings[False] / clean:5.1f}x clean)")

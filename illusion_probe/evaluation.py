@@ -124,11 +124,22 @@ class _Runner:
         return hook
 
     def _prefix_matches(self, resid: Tensor, layer: int, logits: Tensor) -> bool:
+        """Whether ``start_at_layer`` reproduces the clean logits *and* skips the earlier blocks.
+
+        TransformerBridge on TransformerLens 4.x accepts ``start_at_layer`` but still runs every
+        block (it swaps the cached residual in at block ``layer``), so there it saves nothing.
+        """
+        skipped_ran: list[int] = []
+        handles = [block.register_forward_pre_hook(lambda *_: skipped_ran.append(1))
+                   for block in list(self.model.blocks)[:layer]]
         try:
             rerun = self.model(resid, start_at_layer=layer)
         except (NotImplementedError, TypeError, ValueError, RuntimeError):
             return False
-        return rerun.shape == logits.shape and torch.allclose(rerun, logits, atol=1e-4, rtol=1e-4)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return not skipped_ran and rerun.shape == logits.shape and torch.allclose(rerun, logits, atol=1e-4, rtol=1e-4)
 
     def run(self, tokens: Tensor, resid: dict[int, Tensor], start: int | None, hooks: list) -> Tensor:
         with self.model.hooks(fwd_hooks=hooks):
@@ -225,7 +236,8 @@ def evaluate(
         ablation: ``"mean"`` (fit on the train split) or ``"zero"``: the baseline of ``ce_score``.
         ablation_sequences: train sequences the mean ablation is fit on.
         reuse_prefix: rerun each proxy only from its first hooked layer, starting from the clean
-            residual stream cached there (checked against the full pass once per layer).
+            residual stream cached there (checked once per layer against the full pass, and used
+            only where the backend really skips the earlier blocks: HookedTransformer).
         progress: show a progress bar.
 
     Returns:

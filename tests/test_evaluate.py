@@ -115,3 +115,16 @@ def test_bad_inputs(model, splits) -> None:
     long = ip.Split.from_tokens(torch.zeros(2, SIZES.n_ctx + 4, dtype=torch.long), "ood", name="too_long")
     with pytest.raises(ip.IllusionProbeError, match="n_ctx"):
         ip.evaluate(model, {"p": proxy}, ip.SplitSet([splits["train"], long]))
+
+
+@pytest.mark.parametrize("backend", ip.available_backends())
+def test_prefix_reuse_gives_the_same_numbers(backend, splits) -> None:
+    model = ip.build_model(SIZES, ip.ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0), backend=backend)
+    proxy = ip.fit_proxy(model, {"blocks.1.attn.hook_q": ip.PCA(rank=2)}, splits["train"])
+    fast = ip.evaluate(model, {"p": proxy}, splits, n_boot=20, reuse_prefix=True, progress=False)
+    full = ip.evaluate(model, {"p": proxy}, splits, n_boot=20, reuse_prefix=False, progress=False)
+    for a, b in zip(fast.records, full.records, strict=True):
+        assert (a.split, a.metric, a.category) == (b.split, b.metric, b.category)
+        assert a.value == pytest.approx(b.value, abs=1e-5)
+    # Only HookedTransformer really skips the earlier blocks; bridges run them anyway, so no reuse there.
+    assert fast.meta["evaluation"]["prefix_reuse"] == {1: backend == "hooked"}

@@ -145,8 +145,16 @@ def test_fit_proxy_validates_before_any_forward(native_bridge, random_train_spli
 
 
 def test_rank_beyond_dimension_and_too_many_clusters(native_bridge, random_train_split) -> None:
-    with pytest.raises(ip.IllusionProbeError, match="rank 33 exceeds the feature dimension 32"):
-        ip.fit_proxy(native_bridge, {"blocks.0.hook_resid_post": ip.PCA(33)}, random_train_split)
+    batches = []  # the only forward pass allowed is the one-sequence shape probe, never the split's data
+    handle = native_bridge.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        with pytest.raises(ip.IllusionProbeError, match="rank 33 exceeds the feature dimension 32"):
+            ip.fit_proxy(native_bridge, {"blocks.0.hook_resid_post": ip.PCA(33)}, random_train_split)
+        with pytest.raises(ip.IllusionProbeError, match="rank 9 exceeds the feature dimension 8"):
+            ip.fit_proxy(native_bridge, {"blocks.0.attn.hook_k": ip.PCA(9)}, random_train_split)
+    finally:
+        handle.remove()
+    assert set(batches) <= {1}
     with pytest.raises(ip.IllusionProbeError, match="exceeds the 10 fitted samples"):
         tiny = ip.Split.from_tokens(random_train_split.tokens[:1, :10].clamp_min(1), "train", name="train")
         ip.fit_proxy(native_bridge, {"blocks.0.hook_resid_post": ip.KMeans(11)}, tiny)

@@ -255,7 +255,7 @@ class FittedSimplifier(Simplifier):
         x = self._samples(acts, mask)
         shape = (x.shape[1], x.shape[2])
         if self._pending is None:
-            self._check_sizes(shape[1])
+            self.check_feature_dim(shape[1])
             self._reset(shape, x.device)
             self._pending, self._n_seen = shape, 0
         require(shape == self._pending, f"{self.describe()}: batch has (group, feature) {shape}, earlier batches "
@@ -272,7 +272,7 @@ class FittedSimplifier(Simplifier):
         self._derived = {}
         return self
 
-    def _check_sizes(self, feature: int) -> None:
+    def check_feature_dim(self, feature: int) -> None:
         """Refuse a size that cannot fit ``feature``-dimensional samples (before any accumulation)."""
         return None
 

@@ -60,7 +60,7 @@ class PCA(FittedSimplifier):
         return {**super().options(), "rank": self.rank, "center": self.center}
 
     # -- fitting ----------------------------------------------------------------------
-    def _check_sizes(self, feature: int) -> None:
+    def check_feature_dim(self, feature: int) -> None:
         require(self.rank <= feature, f"{self.describe()}: rank {self.rank} exceeds the feature dimension {feature}")
 
     def _reset(self, shape: tuple[int, int], device: torch.device) -> None:

@@ -10,6 +10,7 @@ provenance. ``with proxy.applied(model): ...`` attaches it through
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -224,6 +225,9 @@ def fit_proxy(
     shapes = probe_feature_shapes(model, list(fitted))
     for hook, simplifier in fitted.items():
         simplifier.check_model(model, hook)
+        if isinstance(simplifier, FittedSimplifier):  # rank / size against the feature dimension, before any data
+            shape = shapes[hook]
+            simplifier.check_feature_dim(shape[-1] if simplifier.per_head else math.prod(shape))
     data_hooks = [hook for hook, s in fitted.items() if s.needs_data]
     n = min(n_sequences, len(split))
     if data_hooks:
