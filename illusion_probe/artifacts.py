@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 METADATA_FILE = "metadata.json"
 
 
+def _umask_mode(full: int) -> int:
+    """``full`` permissions less the process umask: what a plain ``open``/``mkdir`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``path`` on clean exit.
@@ -36,6 +43,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging.chmod(_umask_mode(0o777))  # mkdtemp makes it private; the artefact should not be
     except OSError as err:
         raise ArtifactError(f"{target}: cannot write here ({err.strerror or err}); choose a writable path") from None
     try:
@@ -69,6 +77,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes it private; the artefact should not be
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -31,6 +31,7 @@ from illusion_probe.results import Gap, Record, Results
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
 from illusion_probe.simplify.proxy import Proxy, fit_proxy
 from illusion_probe.tasks.base import Split, SplitSet, Task
+from illusion_probe.training import predict
 
 ABLATIONS = ("mean", "zero")
 POSITION_METRICS = ("acc_model", "acc_proxy", "agreement", "kl")
@@ -60,11 +61,6 @@ def _to_numpy(x: Tensor) -> np.ndarray:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _predict(logits: Float[Tensor, "... vocab"], answer_ids: Int[Tensor, " n_answers"]) -> Int[Tensor, "..."]:
-    """Argmax over the task's answer tokens, as token ids."""
-    return answer_ids[logits[..., answer_ids].argmax(dim=-1)]
 
 
 def _categories(split: Split) -> dict[str, Bool[Tensor, "n pos"]]:
@@ -159,7 +155,7 @@ def _position_terms(
     logp_model = F.log_softmax(clean.float(), dim=-1)
     logp_proxy = F.log_softmax(proxied.float(), dim=-1)
     logp_ablated = F.log_softmax(ablated.float(), dim=-1)
-    pred_model, pred_proxy = _predict(clean, answer_ids), _predict(proxied, answer_ids)
+    pred_model, pred_proxy = predict(clean, answer_ids), predict(proxied, answer_ids)
     index = targets.unsqueeze(-1)
     return {
         "acc_model": (pred_model == targets).double(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -214,3 +215,14 @@ def test_cli_info_runs(capsys) -> None:
 
     assert main(["info"]) == 0
     assert "transformer_lens" in capsys.readouterr().out
+
+
+def test_artefacts_get_ordinary_permissions(tmp_path) -> None:
+    from illusion_probe.artifacts import atomic_directory, write_json
+
+    with atomic_directory(tmp_path / "dir") as staging:
+        write_json(staging / "meta.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "dir").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "dir" / "meta.json").stat().st_mode & 0o777 == 0o666 & ~mask
