@@ -29,6 +29,11 @@ def _runs(args: argparse.Namespace):
     from illusion_probe.pipeline import load_preset, prepare
 
     require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
+    if args.threads is not None:
+        import torch
+
+        require(args.threads >= 1, f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     run = load_preset(args.task, args.preset)
     out = Path(args.out)
     return [prepare(run, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed)
@@ -102,6 +107,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/latest", help="run directory (finished stages in it are reused)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1, each in OUT/seed_N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
