@@ -237,7 +237,8 @@ def evaluate(
         progress: show a progress bar.
 
     Returns:
-        :class:`Results` with ``acc_model``, ``acc_proxy``, ``agreement``, ``kl``, ``ce_score``,
+        :class:`Results` with ``acc_model``, ``acc_proxy``, ``acc_delta`` (proxy minus model accuracy,
+        bootstrapped paired), ``agreement``, ``kl``, ``ce_score``,
         ``explained_variance`` (per hook) and ``attn_agreement`` (when keys, queries or patterns
         are simplified), per split, proxy and position category, plus ID-vs-OOD gaps.
     """
@@ -340,9 +341,13 @@ def _summarise(proxies, splits: SplitSet, sums, n_boot: int, seed: int, meta: di
             per_category = sums[split.name][name].categories()
             for category, table in per_category.items():
                 n_positions = int(table["count"].sum())
-                for metric in (*POSITION_METRICS, "ce_score"):
+                for metric in (*POSITION_METRICS, "acc_delta", "ce_score"):
                     if metric == "ce_score":
-                        est, boot = stats.estimate(stats.ce_score, {k: table[k] for k in ("ce_ablated", "ce_proxy", "ce_model")}, weights)
+                        terms = {k: table[k] for k in ("ce_ablated", "ce_proxy", "ce_model")}
+                        est, boot = stats.estimate(stats.ce_score, terms, weights)
+                    elif metric == "acc_delta":  # paired: both accuracies from the same resampled sequences
+                        terms = {"a": table["acc_proxy"], "b": table["acc_model"], "den": table["count"]}
+                        est, boot = stats.estimate(stats.ratio_difference, terms, weights)
                     else:
                         est, boot = stats.estimate(stats.ratio, {"num": table[metric], "den": table["count"]}, weights)
                     samples[(split.name, name, category, metric)] = boot

@@ -73,6 +73,11 @@ def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return num / den
 
 
+def ratio_difference(a: np.ndarray, b: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Difference of two means over the same positions, ``(a - b) / den``: paired, so shared noise cancels."""
+    return (a - b) / den
+
+
 def ce_score(ce_ablated: np.ndarray, ce_proxy: np.ndarray, ce_model: np.ndarray) -> np.ndarray:
     """(CE_ablated - CE_proxy) / (CE_ablated - CE_model); the common count of positions cancels."""
     return (ce_ablated - ce_proxy) / (ce_ablated - ce_model)

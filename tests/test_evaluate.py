@@ -128,3 +128,13 @@ def test_prefix_reuse_gives_the_same_numbers(backend, splits) -> None:
         assert a.value == pytest.approx(b.value, abs=1e-5)
     # Only HookedTransformer really skips the earlier blocks; bridges run them anyway, so no reuse there.
     assert fast.meta["evaluation"]["prefix_reuse"] == {1: backend == "hooked"}
+
+
+def test_acc_delta_is_the_paired_difference(model, splits) -> None:
+    proxy = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(rank=1)}, splits["train"])
+    results = ip.evaluate(model, {"r1": proxy}, splits, n_boot=200, progress=False)
+    for split in splits:
+        delta = _by(results, "r1", "acc_delta", split)
+        expected = _by(results, "r1", "acc_proxy", split).value - _by(results, "r1", "acc_model", split).value
+        assert delta.value == pytest.approx(expected, abs=1e-12)
+        assert delta.ci_low <= delta.value <= delta.ci_high
