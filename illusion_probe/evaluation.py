@@ -217,6 +217,7 @@ def evaluate(
     ablation: str = "mean",
     ablation_sequences: int = 1000,
     reuse_prefix: bool = True,
+    proxy_batch: int = 8,
     progress: bool = True,
 ) -> Results:
     """Score every proxy against the model on every split.
@@ -234,6 +235,8 @@ def evaluate(
         reuse_prefix: rerun each proxy only from its first hooked layer, starting from the clean
             residual stream cached there (checked once per layer against the full pass, and used
             only where the backend really skips the earlier blocks: HookedTransformer).
+        proxy_batch: proxies that edit the same hooks run together in one forward pass, each on
+            its own copy of the batch (``proxy_batch * batch_size`` sequences at once).
         progress: show a progress bar.
 
     Returns:
@@ -245,7 +248,8 @@ def evaluate(
     splits = splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
     require(len(proxies) > 0, "evaluate needs at least one proxy; fit one with ip.fit_proxy")
     require(ablation in ABLATIONS, f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
-    require(batch_size > 0 and n_boot >= 0, "batch_size must be positive and n_boot non-negative")
+    require(batch_size > 0 and proxy_batch > 0 and n_boot >= 0,
+            "batch_size and proxy_batch must be positive and n_boot non-negative")
     for name, proxy in proxies.items():
         if not isinstance(proxy, Proxy):
             raise IllusionProbeError(f"proxy {name!r} is a {type(proxy).__name__}, not an ip.Proxy; build it with ip.fit_proxy")
@@ -267,12 +271,12 @@ def evaluate(
         with torch.no_grad():
             for split in splits.values():
                 sums[split.name] = _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size,
-                                                   timings, bar, device)
+                                                   proxy_batch, timings, bar, device)
     finally:
         bar.close()
         model.train(was_training)
     return _summarise(proxies, splits, sums, n_boot, seed, meta={
-        "evaluation": {"batch_size": batch_size, "n_boot": n_boot, "seed": seed, "ablation": ablation,
+        "evaluation": {"batch_size": batch_size, "proxy_batch": proxy_batch, "n_boot": n_boot, "seed": seed, "ablation": ablation,
                        "ablation_sequences": ablation_sequences, "prefix_reuse": dict(runner.prefix_ok)},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "backend": model_backend(model),
@@ -282,18 +286,52 @@ def evaluate(
     })
 
 
-def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, timings, bar, device) -> dict[str, _Sums]:
-    starts = {name: _start_layer(p.hook_names) for name, p in proxies.items()}
+def _stacked(fns: list) -> object:
+    """One hook applying ``fns[j]`` to the ``j``-th of ``len(fns)`` equal slices of the batch."""
+    def hook(act: Tensor, hook):
+        parts = act.chunk(len(fns), dim=0)
+        return torch.cat([fn(part, hook=hook) for fn, part in zip(fns, parts, strict=True)], dim=0)
+    return hook
+
+
+class _Recorder:
+    """Per-proxy sinks for one stacked pass: hook input/output (explained variance) and patterns."""
+
+    def __init__(self) -> None:
+        self.acts: dict[str, tuple[Tensor, Tensor]] = {}
+        self.patterns: dict[int, Tensor] = {}
+
+    def __call__(self, hook: str, act: Tensor, reconstruction: Tensor) -> None:
+        self.acts[hook] = (act, reconstruction)
+
+
+def _run_group(runner: _Runner, tokens: Tensor, resid: dict[int, Tensor], group: list[Proxy],
+               attn_layers: list[int]) -> list[tuple[Tensor, _Recorder]]:
+    """Run proxies that edit the same hooks in one forward pass, each on its own copy of the batch."""
+    recorders = [_Recorder() for _ in group]
+    per_proxy = [dict(proxy.fwd_hooks(on_apply=rec)) for proxy, rec in zip(group, recorders, strict=True)]
+    hooks = [(hook, _stacked([fns[hook] for fns in per_proxy])) for hook in group[0].hook_names]
+    stacked_patterns: dict[int, Tensor] = {}
+    hooks += _capture_patterns(attn_layers, stacked_patterns)
+    copies = len(group)
+    start = _start_layer(list(group[0].hook_names))
+    stacked_resid = {layer: r.repeat(copies, *([1] * (r.ndim - 1))) for layer, r in resid.items() if layer == start}
+    logits = runner.run(tokens.repeat(copies, 1), stacked_resid, start, hooks).chunk(copies, dim=0)
+    for layer, pattern in stacked_patterns.items():
+        for recorder, part in zip(recorders, pattern.chunk(copies, dim=0), strict=True):
+            recorder.patterns[layer] = part
+    return list(zip(logits, recorders, strict=True))
+
+
+def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, proxy_batch, timings, bar,
+                    device) -> dict[str, _Sums]:
     attn_layers = {name: _attention_layers(p.hook_names) for name, p in proxies.items()}
-    start_layers = {s for s in starts.values() if s is not None}
-    start_layers |= {s for s in (_start_layer(list(h)) for h in ablations) if s is not None}
+    start_layers = {s for s in (_start_layer(list(h)) for h in ablations) if s is not None}
     pattern_layers = {layer for layers in attn_layers.values() for layer in layers}
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)  # same hooks -> one stacked pass
+    for name, proxy in proxies.items():
+        groups[proxy.hook_names].append(name)
     out = {name: _Sums() for name in proxies}
-    recorded: dict[str, tuple[Tensor, Tensor]] = {}  # hook -> (input, reconstruction) of the current pass
-
-    def record(hook: str, act: Tensor, reconstruction: Tensor) -> None:
-        recorded[hook] = (act, reconstruction)
-
     for batch in split.batches(batch_size):
         batch = batch.to(device)
         tick = time.perf_counter()
@@ -305,28 +343,33 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, t
         timings["ablations_s"] += time.perf_counter() - tick
         categories = _categories(batch)
         tick = time.perf_counter()
-        for name, proxy in proxies.items():
-            recorded.clear()
-            patterns: dict[int, Tensor] = {}
-            hooks = proxy.fwd_hooks(on_apply=record)
-            hooks += _capture_patterns(attn_layers[name], patterns)
-            logits = runner.run(batch.tokens, resid, starts[name], hooks)
-            terms = _position_terms(clean, logits, ablated[frozenset(proxy.hook_names)], batch.targets, answer_ids)
-            for category, mask in categories.items():
-                sink = out[name].by_category[category]
-                for metric, values in terms.items():
-                    sink[metric].append(_to_numpy((values * mask).sum(dim=1)))
-                sink["count"].append(_to_numpy(mask.sum(dim=1)))
-            for hook, (act, hat) in recorded.items():
-                if not is_attention_pattern(hook):
-                    for term, values in _ev_terms(act, hat, batch.real_mask).items():
-                        out[name].by_hook[hook][term].append(values)
-            for layer, pattern in patterns.items():
-                for term, values in _attn_terms(clean_patterns[layer], pattern, batch.real_mask).items():
-                    out[name].by_hook[f"attn{layer}"][term].append(values)
+        for hooks, names in groups.items():
+            for first in range(0, len(names), proxy_batch):
+                chunk = names[first:first + proxy_batch]
+                runs = _run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
+                for name, (logits, recorder) in zip(chunk, runs, strict=True):
+                    terms = _position_terms(clean, logits, ablated[frozenset(hooks)], batch.targets, answer_ids)
+                    _accumulate(out[name], terms, categories, recorder, clean_patterns, batch.real_mask)
         timings["proxies_s"] += time.perf_counter() - tick
         bar.update(len(batch))
     return out
+
+
+def _accumulate(sums: _Sums, terms: dict[str, Tensor], categories: dict[str, Tensor], recorder: _Recorder,
+                clean_patterns: dict[int, Tensor], real: Tensor) -> None:
+    """Add one batch's per-sequence sums for one proxy."""
+    for category, mask in categories.items():
+        sink = sums.by_category[category]
+        for metric, values in terms.items():
+            sink[metric].append(_to_numpy((values * mask).sum(dim=1)))
+        sink["count"].append(_to_numpy(mask.sum(dim=1)))
+    for hook, (act, hat) in recorder.acts.items():
+        if not is_attention_pattern(hook):
+            for term, values in _ev_terms(act, hat, real).items():
+                sums.by_hook[hook][term].append(values)
+    for layer, pattern in recorder.patterns.items():
+        for term, values in _attn_terms(clean_patterns[layer], pattern, real).items():
+            sums.by_hook[f"attn{layer}"][term].append(values)
 
 
 def _summarise(proxies, splits: SplitSet, sums, n_boot: int, seed: int, meta: dict) -> Results:

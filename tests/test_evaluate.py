@@ -138,3 +138,14 @@ def test_acc_delta_is_the_paired_difference(model, splits) -> None:
         expected = _by(results, "r1", "acc_proxy", split).value - _by(results, "r1", "acc_model", split).value
         assert delta.value == pytest.approx(expected, abs=1e-12)
         assert delta.ci_low <= delta.value <= delta.ci_high
+
+
+def test_stacking_proxies_in_one_pass_changes_nothing(model, splits) -> None:
+    hooks = ["blocks.1.attn.hook_k", "blocks.1.attn.hook_q"]
+    proxies = {f"r{r}": ip.fit_proxy(model, {h: ip.PCA(rank=r) for h in hooks}, splits["train"]) for r in (1, 2, 3)}
+    one = ip.evaluate(model, proxies, splits, n_boot=20, proxy_batch=1, progress=False)
+    stacked = ip.evaluate(model, proxies, splits, n_boot=20, proxy_batch=3, progress=False)
+    assert len(one.records) == len(stacked.records)
+    for a, b in zip(one.records, stacked.records, strict=True):
+        assert (a.split, a.proxy, a.metric, a.hook) == (b.split, b.proxy, b.metric, b.hook)
+        assert a.value == pytest.approx(b.value, abs=1e-5)
