@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from illusion_probe import stats
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import is_attention_pattern, is_per_head, layer_of
+from illusion_probe.memory import release_freed_memory
 from illusion_probe.models import model_backend
 from illusion_probe.provenance import provenance
 from illusion_probe.results import Gap, Record, Results
@@ -350,6 +351,8 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
                 for name, (logits, recorder) in zip(chunk, runs, strict=True):
                     terms = _position_terms(clean, logits, ablated[frozenset(hooks)], batch.targets, answer_ids)
                     _accumulate(out[name], terms, categories, recorder, clean_patterns, batch.real_mask)
+                del runs
+                release_freed_memory()  # a loop of large, differently sized temporaries fragments the heap
         timings["proxies_s"] += time.perf_counter() - tick
         bar.update(len(batch))
     return out
