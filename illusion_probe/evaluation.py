@@ -218,7 +218,7 @@ def evaluate(
     ablation: str = "mean",
     ablation_sequences: int = 1000,
     reuse_prefix: bool = True,
-    proxy_batch: int = 8,
+    proxy_batch: int = 1,
     progress: bool = True,
 ) -> Results:
     """Score every proxy against the model on every split.
@@ -236,8 +236,9 @@ def evaluate(
         reuse_prefix: rerun each proxy only from its first hooked layer, starting from the clean
             residual stream cached there (checked once per layer against the full pass, and used
             only where the backend really skips the earlier blocks: HookedTransformer).
-        proxy_batch: proxies that edit the same hooks run together in one forward pass, each on
-            its own copy of the batch (``proxy_batch * batch_size`` sequences at once).
+        proxy_batch: run up to this many proxies that edit the same hooks together in one forward
+            pass, each on its own copy of the batch. Saves per-call overhead (small models on an
+            accelerator); on CPU it measured slower (benchmarks/bench_evaluate.py), hence 1.
         progress: show a progress bar.
 
     Returns:
