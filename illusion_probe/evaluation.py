@@ -27,6 +27,7 @@ from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import is_attention_pattern, is_per_head, layer_of
 from illusion_probe.memory import release_freed_memory
 from illusion_probe.models import model_backend
+from illusion_probe.passes import Recorder, Runner, run_group, start_layer
 from illusion_probe.provenance import provenance
 from illusion_probe.results import Gap, Record, Results
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
@@ -79,11 +80,6 @@ def _proxy_method(proxy: Proxy) -> tuple[str, int | None]:
     return (methods.pop() if len(methods) == 1 else "mixed"), (sizes.pop() if len(sizes) == 1 else None)
 
 
-def _start_layer(hooks: list[str]) -> int | None:
-    layers = [layer_of(h) for h in hooks]
-    return None if any(layer is None for layer in layers) else min(layers)  # type: ignore[type-var]
-
-
 def _attention_layers(hooks: list[str]) -> list[int]:
     """Layers whose attention pattern a proxy changes directly (q, k or pattern hooks)."""
     layers = set()
@@ -91,62 +87,6 @@ def _attention_layers(hooks: list[str]) -> list[int]:
         if is_attention_pattern(hook) or (is_per_head(hook) and any(t in hook for t in ("hook_q", "hook_k", ".q.", ".k."))):
             layers.add(layer_of(hook))
     return sorted(layer for layer in layers if layer is not None)
-
-
-class _Runner:
-    """Runs a model from a cached clean prefix, falling back to full passes where unsupported."""
-
-    def __init__(self, model: torch.nn.Module, reuse_prefix: bool = True):
-        self.model = model
-        self.reuse_prefix = reuse_prefix
-        self.prefix_ok: dict[int, bool] = {}
-
-    def clean(self, tokens: Tensor, layers: set[int], patterns: set[int]) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
-        resid: dict[int, Tensor] = {}
-        pattern: dict[int, Tensor] = {}
-        layers = layers if self.reuse_prefix else set()
-        hooks = [(f"blocks.{L}.hook_resid_pre", self._store(resid, L)) for L in sorted(layers)]
-        hooks += [(f"blocks.{L}.attn.hook_pattern", self._store(pattern, L)) for L in sorted(patterns)]
-        with self.model.hooks(fwd_hooks=hooks):
-            logits = self.model(tokens)
-        for layer in layers:
-            if layer not in self.prefix_ok:
-                self.prefix_ok[layer] = self._prefix_matches(resid[layer], layer, logits)
-        return logits, resid, pattern
-
-    @staticmethod
-    def _store(sink: dict[int, Tensor], layer: int):
-        def hook(act: Tensor, hook) -> None:  # noqa: ARG001 - TransformerLens calls hook(act, hook=...)
-            sink[layer] = act.detach()
-        return hook
-
-    def _prefix_matches(self, resid: Tensor, layer: int, logits: Tensor) -> bool:
-        """Whether ``start_at_layer`` reproduces the clean logits *and* skips the earlier blocks.
-
-        TransformerBridge on TransformerLens 4.x accepts ``start_at_layer`` but still runs every
-        block (it swaps the cached residual in at block ``layer``), so there it saves nothing.
-        """
-        skipped_ran: list[int] = []
-        handles = [block.register_forward_pre_hook(lambda *_: skipped_ran.append(1))
-                   for block in list(self.model.blocks)[:layer]]
-        try:
-            rerun = self.model(resid, start_at_layer=layer)
-        except (NotImplementedError, TypeError, ValueError, RuntimeError):
-            return False
-        finally:
-            for handle in handles:
-                handle.remove()
-        return not skipped_ran and rerun.shape == logits.shape and torch.allclose(rerun, logits, atol=1e-4, rtol=1e-4)
-
-    def run(self, tokens: Tensor, resid: dict[int, Tensor], start: int | None, hooks: list) -> Tensor:
-        with self.model.hooks(fwd_hooks=hooks):
-            if start is not None and self.prefix_ok.get(start):
-                return self.model(resid[start], start_at_layer=start)
-            return self.model(tokens)
-
-
-def _capture_patterns(layers: list[int], sink: dict[int, Tensor]) -> list:
-    return [(f"blocks.{L}.attn.hook_pattern", _Runner._store(sink, L)) for L in layers]
 
 
 def _position_terms(
@@ -263,7 +203,7 @@ def evaluate(
     device = _device(model)
     answer_ids = (task.answer_ids if task is not None else torch.arange(model.cfg.d_vocab)).to(device)
     ablations = _ablation_proxies(model, proxies, splits, ablation, ablation_sequences)
-    runner = _Runner(model, reuse_prefix)
+    runner = Runner(model, reuse_prefix)
     sums: dict[str, dict[str, _Sums]] = {}
     timings = {"clean_s": 0.0, "proxies_s": 0.0, "ablations_s": 0.0}
     was_training = model.training
@@ -288,47 +228,10 @@ def evaluate(
     })
 
 
-def _stacked(fns: list) -> object:
-    """One hook applying ``fns[j]`` to the ``j``-th of ``len(fns)`` equal slices of the batch."""
-    def hook(act: Tensor, hook):
-        parts = act.chunk(len(fns), dim=0)
-        return torch.cat([fn(part, hook=hook) for fn, part in zip(fns, parts, strict=True)], dim=0)
-    return hook
-
-
-class _Recorder:
-    """Per-proxy sinks for one stacked pass: hook input/output (explained variance) and patterns."""
-
-    def __init__(self) -> None:
-        self.acts: dict[str, tuple[Tensor, Tensor]] = {}
-        self.patterns: dict[int, Tensor] = {}
-
-    def __call__(self, hook: str, act: Tensor, reconstruction: Tensor) -> None:
-        self.acts[hook] = (act, reconstruction)
-
-
-def _run_group(runner: _Runner, tokens: Tensor, resid: dict[int, Tensor], group: list[Proxy],
-               attn_layers: list[int]) -> list[tuple[Tensor, _Recorder]]:
-    """Run proxies that edit the same hooks in one forward pass, each on its own copy of the batch."""
-    recorders = [_Recorder() for _ in group]
-    per_proxy = [dict(proxy.fwd_hooks(on_apply=rec)) for proxy, rec in zip(group, recorders, strict=True)]
-    hooks = [(hook, _stacked([fns[hook] for fns in per_proxy])) for hook in group[0].hook_names]
-    stacked_patterns: dict[int, Tensor] = {}
-    hooks += _capture_patterns(attn_layers, stacked_patterns)
-    copies = len(group)
-    start = _start_layer(list(group[0].hook_names))
-    stacked_resid = {layer: r.repeat(copies, *([1] * (r.ndim - 1))) for layer, r in resid.items() if layer == start}
-    logits = runner.run(tokens.repeat(copies, 1), stacked_resid, start, hooks).chunk(copies, dim=0)
-    for layer, pattern in stacked_patterns.items():
-        for recorder, part in zip(recorders, pattern.chunk(copies, dim=0), strict=True):
-            recorder.patterns[layer] = part
-    return list(zip(logits, recorders, strict=True))
-
-
 def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, proxy_batch, timings, bar,
                     device) -> dict[str, _Sums]:
     attn_layers = {name: _attention_layers(p.hook_names) for name, p in proxies.items()}
-    start_layers = {s for s in (_start_layer(list(h)) for h in ablations) if s is not None}
+    start_layers = {s for s in (start_layer(list(h)) for h in ablations) if s is not None}
     pattern_layers = {layer for layers in attn_layers.values() for layer in layers}
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)  # same hooks -> one stacked pass
     for name, proxy in proxies.items():
@@ -340,7 +243,7 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
         clean, resid, clean_patterns = runner.clean(batch.tokens, start_layers, pattern_layers)
         timings["clean_s"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        ablated = {hooks: runner.run(batch.tokens, resid, _start_layer(list(hooks)), proxy.fwd_hooks())
+        ablated = {hooks: runner.run(batch.tokens, resid, start_layer(list(hooks)), proxy.fwd_hooks())
                    for hooks, proxy in ablations.items()}
         timings["ablations_s"] += time.perf_counter() - tick
         categories = _categories(batch)
@@ -348,7 +251,7 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
         for hooks, names in groups.items():
             for first in range(0, len(names), proxy_batch):
                 chunk = names[first:first + proxy_batch]
-                runs = _run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
+                runs = run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
                 for name, (logits, recorder) in zip(chunk, runs, strict=True):
                     terms = _position_terms(clean, logits, ablated[frozenset(hooks)], batch.targets, answer_ids)
                     _accumulate(out[name], terms, categories, recorder, clean_patterns, batch.real_mask)
@@ -359,7 +262,7 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
     return out
 
 
-def _accumulate(sums: _Sums, terms: dict[str, Tensor], categories: dict[str, Tensor], recorder: _Recorder,
+def _accumulate(sums: _Sums, terms: dict[str, Tensor], categories: dict[str, Tensor], recorder: Recorder,
                 clean_patterns: dict[int, Tensor], real: Tensor) -> None:
     """Add one batch's per-sequence sums for one proxy."""
     for category, mask in categories.items():
