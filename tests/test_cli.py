@@ -87,3 +87,10 @@ def test_report_of_empty_results(tmp_path, capsys) -> None:
 def test_probe_without_checkpoint(tmp_path, capsys) -> None:
     _fails(["probe", "dyck", "--preset", "tiny", "--out", str(tmp_path / "o"), "--device", "cpu"], capsys,
            "illusion-probe train")
+
+
+def test_seeds_get_their_own_directories(tmp_path) -> None:
+    assert main(["reproduce", "dyck", "--preset", "tiny", "--out", str(tmp_path), "--device", "cpu", "--seeds", "2"]) == 0
+    first, second = (json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1))
+    assert first["meta"]["seed"] == 0 and second["meta"]["seed"] == 1
+    assert first["records"] != second["records"]  # different splits, initialisation and batch order
