@@ -89,34 +89,56 @@ def _attention_layers(hooks: list[str]) -> list[int]:
     return sorted(layer for layer in layers if layer is not None)
 
 
-def _position_terms(
-    clean: Tensor, proxied: Tensor, ablated: Tensor, targets: Tensor, answer_ids: Tensor
-) -> dict[str, Tensor]:
-    """Per-position metric terms ``[batch, pos]`` from three logit tensors."""
+@dataclass(frozen=True)
+class _Reference:
+    """What every proxy of a batch is compared with, computed once per batch: the clean model's
+    log-probabilities, predictions and cross-entropy, and each ablation's cross-entropy."""
+
+    logp_model: Tensor
+    pred_model: Tensor
+    ce_model: Tensor
+    ce_ablated: dict[frozenset[str], Tensor]
+
+
+def _cross_entropy(logp: Tensor, targets: Tensor) -> Tensor:
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+
+
+def _reference(clean: Tensor, ablated: dict[frozenset[str], Tensor], targets: Tensor, answer_ids: Tensor) -> _Reference:
     logp_model = F.log_softmax(clean.float(), dim=-1)
+    ce_ablated = {hooks: _cross_entropy(F.log_softmax(logits.float(), dim=-1), targets)
+                  for hooks, logits in ablated.items()}
+    return _Reference(logp_model, predict(clean, answer_ids), _cross_entropy(logp_model, targets), ce_ablated)
+
+
+def _position_terms(ref: _Reference, proxied: Tensor, hooks: frozenset[str], targets: Tensor,
+                    answer_ids: Tensor) -> dict[str, Tensor]:
+    """Per-position metric terms ``[batch, pos]`` of one proxy's logits against the batch's reference."""
     logp_proxy = F.log_softmax(proxied.float(), dim=-1)
-    logp_ablated = F.log_softmax(ablated.float(), dim=-1)
-    pred_model, pred_proxy = predict(clean, answer_ids), predict(proxied, answer_ids)
-    index = targets.unsqueeze(-1)
+    pred_proxy = predict(proxied, answer_ids)
     return {
-        "acc_model": (pred_model == targets).double(),
+        "acc_model": (ref.pred_model == targets).double(),
         "acc_proxy": (pred_proxy == targets).double(),
-        "agreement": (pred_proxy == pred_model).double(),
-        "kl": (logp_model.exp() * (logp_model - logp_proxy)).sum(-1).double(),
-        "ce_model": -logp_model.gather(-1, index).squeeze(-1).double(),
-        "ce_proxy": -logp_proxy.gather(-1, index).squeeze(-1).double(),
-        "ce_ablated": -logp_ablated.gather(-1, index).squeeze(-1).double(),
+        "agreement": (pred_proxy == ref.pred_model).double(),
+        "kl": (ref.logp_model.exp() * (ref.logp_model - logp_proxy)).sum(-1).double(),
+        "ce_model": ref.ce_model,
+        "ce_proxy": _cross_entropy(logp_proxy, targets),
+        "ce_ablated": ref.ce_ablated[hooks],
     }
 
 
 def _ev_terms(act: Tensor, out: Tensor, real: Tensor) -> dict[str, np.ndarray]:
-    """Per-sequence sums of ||x - x_hat||^2, ||x||^2, x and the token count over real positions."""
-    x = act.flatten(start_dim=2).double() * real[..., None]
-    x_hat = out.flatten(start_dim=2).double() * real[..., None]
+    """Per-sequence sums of ||x - x_hat||^2, ||x||^2, x and the token count over real positions.
+
+    Elementwise work stays in the activations' dtype; every sum over tokens is taken in float64.
+    """
+    mask = real[..., None].to(act.dtype)
+    x = act.flatten(start_dim=2) * mask
+    x_hat = out.flatten(start_dim=2) * mask
     return {
-        "err": _to_numpy(((x - x_hat) ** 2).sum(dim=(1, 2))),
-        "sq": _to_numpy((x**2).sum(dim=(1, 2))),
-        "total": _to_numpy(x.sum(dim=1)),
+        "err": _to_numpy(((x - x_hat) ** 2).sum(dim=(1, 2), dtype=torch.float64)),
+        "sq": _to_numpy((x**2).sum(dim=(1, 2), dtype=torch.float64)),
+        "total": _to_numpy(x.sum(dim=1, dtype=torch.float64)),
         "count": _to_numpy(real.sum(dim=1)),
     }
 
@@ -248,15 +270,16 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
         timings["ablations_s"] += time.perf_counter() - tick
         categories = _categories(batch)
         tick = time.perf_counter()
+        ref = _reference(clean, ablated, batch.targets, answer_ids)
         for hooks, names in groups.items():
             for first in range(0, len(names), proxy_batch):
                 chunk = names[first:first + proxy_batch]
                 runs = run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
                 for name, (logits, recorder) in zip(chunk, runs, strict=True):
-                    terms = _position_terms(clean, logits, ablated[frozenset(hooks)], batch.targets, answer_ids)
+                    terms = _position_terms(ref, logits, frozenset(hooks), batch.targets, answer_ids)
                     _accumulate(out[name], terms, categories, recorder, clean_patterns, batch.real_mask)
-                del runs
-                release_freed_memory()  # a loop of large, differently sized temporaries fragments the heap
+        del ref, runs, clean, resid, clean_patterns, ablated
+        release_freed_memory()  # a loop of large, differently sized temporaries fragments the heap
         timings["proxies_s"] += time.perf_counter() - tick
         bar.update(len(batch))
     return out
