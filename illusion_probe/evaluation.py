@@ -143,10 +143,14 @@ def _ev_terms(act: Tensor, out: Tensor, real: Tensor) -> dict[str, np.ndarray]:
     }
 
 
-def _attn_terms(clean: Tensor, proxied: Tensor, real: Tensor) -> dict[str, np.ndarray]:
-    """Per-sequence sums of argmax agreement of attention rows ``[batch, head, query, key]`` at real queries."""
-    same = (clean.argmax(-1) == proxied.argmax(-1)) & real[:, None, :]
-    return {"num": _to_numpy(same.sum(dim=(1, 2))), "den": _to_numpy(real.sum(dim=1) * clean.shape[1])}
+def _attn_terms(clean_argmax: Tensor, proxied: Tensor, real: Tensor) -> dict[str, np.ndarray]:
+    """Per-sequence sums of argmax agreement of attention rows at real queries.
+
+    ``clean_argmax`` is ``[batch, head, query]`` (computed once per batch), ``proxied`` the proxy's
+    pattern ``[batch, head, query, key]``.
+    """
+    same = (clean_argmax == proxied.argmax(-1)) & real[:, None, :]
+    return {"num": _to_numpy(same.sum(dim=(1, 2))), "den": _to_numpy(real.sum(dim=1) * clean_argmax.shape[1])}
 
 
 def _ablation_proxies(
@@ -263,6 +267,7 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
         batch = batch.to(device)
         tick = time.perf_counter()
         clean, resid, clean_patterns = runner.clean(batch.tokens, start_layers, pattern_layers)
+        clean_argmax = {layer: pattern.argmax(-1) for layer, pattern in clean_patterns.items()}
         timings["clean_s"] += time.perf_counter() - tick
         tick = time.perf_counter()
         ablated = {hooks: runner.run(batch.tokens, resid, start_layer(list(hooks)), proxy.fwd_hooks())
@@ -277,8 +282,8 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
                 runs = run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
                 for name, (logits, recorder) in zip(chunk, runs, strict=True):
                     terms = _position_terms(ref, logits, frozenset(hooks), batch.targets, answer_ids)
-                    _accumulate(out[name], terms, categories, recorder, clean_patterns, batch.real_mask)
-        del ref, runs, clean, resid, clean_patterns, ablated
+                    _accumulate(out[name], terms, categories, recorder, clean_argmax, batch.real_mask)
+        del ref, runs, clean, resid, clean_patterns, clean_argmax, ablated
         release_freed_memory()  # a loop of large, differently sized temporaries fragments the heap
         timings["proxies_s"] += time.perf_counter() - tick
         bar.update(len(batch))
@@ -286,7 +291,7 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
 
 
 def _accumulate(sums: _Sums, terms: dict[str, Tensor], categories: dict[str, Tensor], recorder: Recorder,
-                clean_patterns: dict[int, Tensor], real: Tensor) -> None:
+                clean_argmax: dict[int, Tensor], real: Tensor) -> None:
     """Add one batch's per-sequence sums for one proxy."""
     for category, mask in categories.items():
         sink = sums.by_category[category]
@@ -298,7 +303,7 @@ def _accumulate(sums: _Sums, terms: dict[str, Tensor], categories: dict[str, Ten
             for term, values in _ev_terms(act, hat, real).items():
                 sums.by_hook[hook][term].append(values)
     for layer, pattern in recorder.patterns.items():
-        for term, values in _attn_terms(clean_patterns[layer], pattern, real).items():
+        for term, values in _attn_terms(clean_argmax[layer], pattern, real).items():
             sums.by_hook[f"attn{layer}"][term].append(values)
 
 
