@@ -61,10 +61,6 @@ def _to_numpy(x: Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _categories(split: Split) -> dict[str, Bool[Tensor, "n pos"]]:
     """``all`` plus every boolean per-position label of the split, restricted to scored positions."""
     masks = {"all": split.eval_mask}
@@ -226,7 +222,7 @@ def evaluate(
     for split in splits.values():
         require(split.tokens.shape[1] <= n_ctx,
                 f"split {split.name!r} has sequences of {split.tokens.shape[1]} tokens but the model's n_ctx is {n_ctx}")
-    device = _device(model)
+    device = next(model.parameters()).device
     answer_ids = (task.answer_ids if task is not None else torch.arange(model.cfg.d_vocab)).to(device)
     ablations = _ablation_proxies(model, proxies, splits, ablation, ablation_sequences)
     runner = Runner(model, reuse_prefix)
