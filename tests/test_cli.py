@@ -94,3 +94,8 @@ def test_seeds_get_their_own_directories(tmp_path) -> None:
     first, second = (json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1))
     assert first["meta"]["seed"] == 0 and second["meta"]["seed"] == 1
     assert first["records"] != second["records"]  # different splits, initialisation and batch order
+
+
+def test_bad_thread_count(tmp_path, capsys) -> None:
+    _fails(["reproduce", "dyck", "--preset", "tiny", "--out", str(tmp_path / "o"), "--threads", "0"], capsys,
+           "--threads must be at least 1")
