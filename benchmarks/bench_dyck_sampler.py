@@ -13,6 +13,7 @@ import argparse
 import platform
 import random
 import resource
+import statistics
 import time
 
 import torch
@@ -35,17 +36,17 @@ def python_sample(spec: SamplerSpec, rng: random.Random) -> list[int] | None:
             seq.append(2 + spec.k + stack.pop())
 
 
-def python_rate(spec: SamplerSpec, seconds: float) -> float:
-    """Accepted sequences per second of the per-token Python sampler."""
-    rng, accepted, start = random.Random(0), 0, time.perf_counter()
+def python_round(spec: SamplerSpec, rng: random.Random, seconds: float) -> float:
+    """Accepted sequences per second of the per-token Python sampler over one timed round."""
+    accepted, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         accepted += sum(python_sample(spec, rng) is not None for _ in range(1000))
     return accepted / (time.perf_counter() - start)
 
 
-def vector_rate(spec: SamplerSpec, batch_size: int, seconds: float) -> float:
-    """Accepted sequences per second of :func:`sample_batch`."""
-    generator, accepted, start = torch.Generator().manual_seed(0), 0, time.perf_counter()
+def vector_round(spec: SamplerSpec, batch_size: int, generator: torch.Generator, seconds: float) -> float:
+    """Accepted sequences per second of :func:`sample_batch` over one timed round."""
+    accepted, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         accepted += len(sample_batch(spec, batch_size, generator).lengths)
     return accepted / (time.perf_counter() - start)
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--m", type=int, default=10)
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16384)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per sampler")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one round")
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: core for core with Python)")
     args = parser.parse_args(argv)
@@ -77,15 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     spec = SamplerSpec(args.k, args.m, args.min_len, args.max_len)
     # Memory first, so the peak it reports is not one left over from the timing runs.
     seconds, peak_mib = million(spec, args.batch_size, args.n)
-    py = python_rate(spec, args.seconds)
-    vec = vector_rate(spec, args.batch_size, args.seconds)
+    # Alternate the two samplers so that a change in machine load hits both; report medians.
+    rng, generator, py_rounds, vec_rounds = random.Random(0), torch.Generator().manual_seed(0), [], []
+    for _ in range(args.rounds):
+        py_rounds.append(python_round(spec, rng, args.seconds))
+        vec_rounds.append(vector_round(spec, args.batch_size, generator, args.seconds))
+    py, vec = statistics.median(py_rounds), statistics.median(vec_rounds)
+    ratios = sorted(v / p for v, p in zip(vec_rounds, py_rounds, strict=True))
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     print(f"process: {spec}, batch {args.batch_size}")
-    print("| sampler | accepted sequences / s |")
+    print(f"| sampler | accepted sequences / s (median of {args.rounds} rounds) |")
     print("| --- | ---: |")
     print(f"| per-token Python | {py:,.0f} |")
-    print(f"| vectorised torch | {vec:,.0f} |")
-    print(f"speed-up: {vec / py:.1f}x")
+    print(f"| vectorised | {vec:,.0f} |")
+    print(f"speed-up: {vec / py:.1f}x (per round: {', '.join(f'{r:.1f}' for r in ratios)})")
     print(f"{args.n:,} sequences batch by batch: {seconds:.1f} s, peak RSS added {peak_mib:.0f} MiB")
 
 

@@ -9,16 +9,18 @@ sequence holds at least ``min_len`` tokens, else open a uniformly chosen type; a
 always closes the type on top of the stack. Sequences that would grow past ``max_len`` tokens
 are rejected, so accepted sequences follow the process conditioned on ``length <= max_len``.
 
-:func:`sample_batch` has no loop over time or sequences: the depth path is a folded free random
-walk (a cumulative sum), and brackets are paired by one sort per batch (see :func:`_walks` and
-:func:`sample_batch`); bracket types are then drawn per pair.
+:func:`sample_batch` has no loop over tokens or sequences: depth paths advance eight tokens per
+table lookup (:func:`_depth_paths`), brackets are paired by one stable radix sort per batch, and
+bracket types are drawn per pair.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -32,6 +34,8 @@ FIRST_OPEN_ID = 2
 _P = 2**31 - 1
 _BASE = 1_000_003
 _MIX = (0x2C1B3C6D, 0x297A2D39)
+
+_STEPS = 8  # tokens per byte of coins, taken at once by a table lookup
 
 
 @dataclass(frozen=True)
@@ -120,72 +124,97 @@ def sample_batch(
     spec: SamplerSpec, batch_size: int, generator: torch.Generator, holdout: SkeletonHoldout | None = None
 ) -> SampleBatch:
     """Run the process for ``batch_size`` candidates and keep those that stop within ``spec.max_len``."""
-    depth, lengths = _walks(spec, batch_size, generator)
+    depth = _depth_paths(spec, batch_size, generator)
+    real = depth >= 0
+    lengths = real.sum(dim=1)
     n, width = depth.shape
-    positions = torch.arange(width, dtype=torch.int16).expand(n, width)
-    real = positions < lengths.unsqueeze(1)
-    opens = torch.zeros_like(real)
-    opens[:, 1:] = depth[:, 1:] > depth[:, :-1]
-    opens &= real
-    closes = real ^ opens
-    closes[:, 0] = False
-    # Number each bracket's level (depth after an open, before a close). Within a level, opens and
-    # closes alternate, so sorting by (level, position) puts every open right before its close;
-    # BOS and PAD sort last.
-    key = ((depth + closes) * width + positions).masked_fill_(~(opens | closes), torch.iinfo(torch.int16).max)
-    order = key.argsort(dim=1)
-    pairs = width // 2
-    pair_types = torch.randint(spec.k, (n, pairs), generator=generator) + FIRST_OPEN_ID
-    tokens = torch.empty(n, width, dtype=torch.long)
-    tokens.scatter_(1, order[:, 0 : 2 * pairs : 2], pair_types)
-    tokens.scatter_(1, order[:, 1 : 2 * pairs : 2], pair_types + spec.k)
-    tokens.masked_fill_(~real, PAD_ID)  # pairs past the last bracket wrote only on BOS and PAD
+    # A bracket's level is the depth inside it: the larger of the depths before and after it.
+    # Within one level of one row opens and closes alternate, so a stable sort of the flattened
+    # levels puts every open right before its close. Viewed unsigned, PAD's -1 is the largest key.
+    unsigned = depth.numpy().view(f"u{depth.element_size()}")
+    level = np.empty_like(unsigned)
+    level[:, 0] = np.iinfo(level.dtype).max  # BOS sorts last too
+    np.maximum(unsigned[:, 1:], unsigned[:, :-1], out=level[:, 1:])
+    order = np.argsort(level.reshape(-1), kind="stable")  # a radix sort for 8- and 16-bit keys
+    n_pairs = (int(lengths.sum()) - n) // 2
+    pair_types = torch.randint(spec.k, (n_pairs,), generator=generator).numpy() + FIRST_OPEN_ID
+    tokens = np.full(n * width, PAD_ID, dtype=np.int64)
+    tokens[order[0 : 2 * n_pairs : 2]] = pair_types
+    tokens[order[1 : 2 * n_pairs : 2]] = pair_types + spec.k
+    tokens = torch.from_numpy(tokens).view(n, width)
     tokens[:, 0] = BOS_ID
-    deepest = (depth * real).amax(dim=1).long()
-    if holdout is None:
-        has_held_out = torch.zeros(n, dtype=torch.bool)
-    else:
-        has_held_out = _held_out_blocks(opens, closes, depth, positions, holdout).any(dim=1)
+    deepest = depth.amax(dim=1).long()
+    no_holdout = torch.zeros(n, dtype=torch.bool)
+    has_held_out = no_holdout if holdout is None else _held_out_blocks(depth, holdout).any(dim=1)
     return SampleBatch(tokens, lengths, deepest, has_held_out)
 
 
-def _walks(spec: SamplerSpec, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Depth paths ``[n, max_len]`` and lengths ``[n]`` of the accepted candidates.
+def _depth_paths(spec: SamplerSpec, batch_size: int, generator: torch.Generator) -> Tensor:
+    """``[n, max_len]`` depth after each token of the accepted candidates, -1 past their end.
 
-    Between stops, the depth is a fair walk on ``{0..m}`` forced up at 0 and down at ``m``: exactly
-    a free +-1 walk folded onto ``[0, m]`` by ``x -> min(x mod 2m, 2m - x mod 2m)``. At each visit
-    to depth 0 an independent fair coin decides whether to stop. So no loop over time is needed.
+    The process spends one fair coin per token: at depth 0 it is the stop coin (the next token is
+    an open either way), between 0 and the bound it picks open or close, at the bound it is unused.
+    Tokens are taken :data:`_STEPS` at a time: a table maps (state, byte of coins) to the next
+    ``_STEPS`` depths and the state after them, so the loop runs over ``max_len / 8`` chunks,
+    never over single tokens.
     """
-    width, m = spec.max_len, spec.max_depth
-    bits = _random_bits(batch_size, 2 * width, generator)
-    walk = torch.zeros(batch_size, width)  # float32: exact for these small integers, and fast
-    torch.cumsum(bits[:, : width - 1] * 2.0 - 1, dim=1, out=walk[:, 1:])
-    folded = torch.remainder(walk, 2 * m)
-    depth = torch.minimum(folded, 2 * m - folded)
-    can_stop = (depth == 0) & bits[:, width:].bool()
-    can_stop[:, : spec.min_len - 1] = False  # a sequence of t + 1 tokens may stop once t + 1 >= min_len
-    first = can_stop.to(torch.uint8).argmax(dim=1)
-    accepted = can_stop.gather(1, first.unsqueeze(1)).squeeze(1)
-    return depth[accepted].to(torch.int16), first[accepted] + 1
+    width = spec.max_len
+    n_chunks = -(-(width + 1) // _STEPS)  # one position past max_len: stopped there means accepted
+    coins = torch.randint(0, 256, (n_chunks, batch_size), generator=generator)
+    depth_max = min(spec.max_depth, n_chunks * _STEPS)  # a deeper bound never binds within the window
+    dtype = next(d for d in (torch.int8, torch.int16, torch.int32) if depth_max < torch.iinfo(d).max)
+    start = torch.zeros(batch_size, dtype=torch.long)  # row of the table: state * 256
+    chunks = []
+    for chunk in range(n_chunks):
+        first_stop = min(max(spec.min_len - 1 - chunk * _STEPS, 0), _STEPS)
+        depths, next_start = _chunk_table(depth_max, first_stop, dtype)
+        row = start + coins[chunk]
+        chunks.append(depths.index_select(0, row))  # index_select: a fraction of `depths[row]`'s overhead
+        start = next_start.index_select(0, row)
+    depth = torch.stack(chunks, dim=1).view(dtype).view(batch_size, -1)
+    accepted = (depth[:, width] < 0).nonzero().squeeze(1)
+    return depth[:, :width].index_select(0, accepted)
 
 
-def _random_bits(rows: int, n_bits: int, generator: torch.Generator) -> Tensor:
-    """``[rows, n_bits]`` fair bits (uint8), unpacked from random bytes."""
-    bytes_ = torch.randint(0, 256, (rows, -(-n_bits // 8)), dtype=torch.uint8, generator=generator)
-    bits = (bytes_.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.reshape(rows, -1)[:, :n_bits]
+@functools.cache
+def _chunk_table(max_depth: int, first_stop: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The process over :data:`_STEPS` tokens, for every start state and byte of coins.
+
+    States are depths ``0..max_depth`` and STOP (``max_depth + 1``, absorbing). Coin ``i`` (bit
+    ``i`` of the byte) decides token ``i`` of the chunk; a stop is allowed from token
+    ``first_stop`` on. Returns ``depths[state * 256 + byte]``: the depth at the chunk's tokens
+    (STOP written as -1), packed into int64 words, and ``next_start``: the state after the
+    chunk, times 256.
+    """
+    stop = max_depth + 1
+    state = torch.arange(stop + 1).repeat_interleave(256)
+    coins = torch.arange(256).repeat(stop + 1)
+    depths = torch.empty(len(state), _STEPS, dtype=dtype)
+    for i in range(_STEPS):
+        depths[:, i] = torch.where(state == stop, -1, state)
+        heads = (coins >> i) & 1 == 1
+        inside = torch.where(heads & (state < max_depth), state + 1, state - 1)
+        at_zero = torch.where(heads & (i >= first_stop), stop, 1)
+        state = torch.where(state == 0, at_zero, torch.where(state == stop, stop, inside))
+    return depths.view(torch.int64), state * 256
 
 
-def _held_out_blocks(opens: Tensor, closes: Tensor, depth: Tensor, positions: Tensor,
-                     holdout: SkeletonHoldout) -> Tensor:
+def _held_out_blocks(depth: Tensor, holdout: SkeletonHoldout) -> Tensor:
     """``[n, pos]`` True at the last token of each top-level block whose skeleton is held out.
+
+    ``depth`` is :func:`_depth_paths`' output: depth after each token, -1 past the end.
 
     The rolling hash of ``SkeletonHoldout.is_held_out`` in closed form: a block at positions
     ``a..e`` hashes to ``h0 * B^(e-a+1) + sum_j c_j B^(e-j)``, and the sum is ``B^e`` times a
     difference of prefix sums of ``c_j B^-j`` (all modulo the prime ``P``).
     """
-    width = depth.shape[1]
-    positions = positions.long()
+    n, width = depth.shape
+    positions = torch.arange(width).expand(n, width)
+    opens = torch.zeros_like(depth, dtype=torch.bool)
+    opens[:, 1:] = depth[:, 1:] > depth[:, :-1]
+    closes = (depth >= 0) & ~opens
+    closes[:, 0] = False
+    depth = depth.long()
     inverse = pow(_BASE, _P - 2, _P)
     base_pow = torch.tensor([pow(_BASE, j, _P) for j in range(width + 1)])
     inverse_pow = torch.tensor([pow(inverse, j, _P) for j in range(width)])
