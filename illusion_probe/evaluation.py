@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from illusion_probe import stats
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import is_attention_pattern, is_per_head, layer_of
-from illusion_probe.memory import release_freed_memory
+from illusion_probe.memory import HeapTrimmer
 from illusion_probe.models import model_backend
 from illusion_probe.passes import Recorder, Runner, run_group, start_layer
 from illusion_probe.provenance import provenance
@@ -61,13 +60,47 @@ def _to_numpy(x: Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float64).numpy()
 
 
-def _categories(split: Split) -> dict[str, Bool[Tensor, "n pos"]]:
-    """``all`` plus every boolean per-position label of the split, restricted to scored positions."""
-    masks = {"all": split.eval_mask}
-    for name, label in split.labels.items():
-        if label.dtype == torch.bool:
-            masks[name] = split.eval_mask & label
-    return masks
+@dataclass(frozen=True)
+class _Scored:
+    """The scored positions of one batch, flattened: metrics are computed on these ``n`` alone.
+
+    Attributes:
+        index: ``[n]`` flat indices (``seq * pos + p``) of the positions ``eval_mask`` scores.
+        sequence: ``[n]`` which sequence of the batch each belongs to.
+        targets: ``[n]`` their target tokens.
+        names: position categories: ``all`` plus every boolean label of the split.
+        masks: ``[category, n]`` float64, which scored positions each category keeps.
+        counts: ``[category, batch]`` scored positions per sequence and category.
+    """
+
+    index: Tensor
+    sequence: Tensor
+    targets: Tensor
+    names: list[str]
+    masks: Tensor
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, split: Split) -> _Scored:
+        n_seq, n_pos = split.eval_mask.shape
+        index = split.eval_mask.reshape(-1).nonzero().squeeze(1)
+        categories = {"all": split.eval_mask}
+        for name, label in split.labels.items():
+            if label.dtype == torch.bool:
+                categories[name] = split.eval_mask & label
+        full = torch.stack(list(categories.values())).reshape(len(categories), -1)
+        return cls(index, index // n_pos, split.targets.reshape(-1)[index], list(categories),
+                   full[:, index].double(), _to_numpy(full.reshape(len(categories), n_seq, n_pos).sum(dim=-1)))
+
+    def take(self, logits: Tensor) -> Tensor:
+        """``[batch, pos, d_vocab] -> [n, d_vocab]``: the logits at the scored positions."""
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, self.index)
+
+    def per_sequence(self, terms: Tensor) -> np.ndarray:
+        """``[term, n] -> [category, term, batch]``: each term summed per sequence within each category."""
+        out = torch.zeros(len(self.names), len(terms), self.counts.shape[1], dtype=torch.float64,
+                          device=terms.device)
+        return _to_numpy(out.index_add_(2, self.sequence, self.masks[:, None, :] * terms.double()[None]))
 
 
 def _proxy_method(proxy: Proxy) -> tuple[str, int | None]:
@@ -87,8 +120,9 @@ def _attention_layers(hooks: list[str]) -> list[int]:
 
 @dataclass(frozen=True)
 class _Reference:
-    """What every proxy of a batch is compared with, computed once per batch: the clean model's
-    log-probabilities, predictions and cross-entropy, and each ablation's cross-entropy."""
+    """What every proxy of a batch is compared with, computed once per batch at its scored
+    positions: the clean model's log-probabilities, predictions and cross-entropy, and each
+    ablation's cross-entropy (all ``[n, ...]`` as in :class:`_Scored`)."""
 
     logp_model: Tensor
     pred_model: Tensor
@@ -97,44 +131,51 @@ class _Reference:
 
 
 def _cross_entropy(logp: Tensor, targets: Tensor) -> Tensor:
-    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def _reference(clean: Tensor, ablated: dict[frozenset[str], Tensor], targets: Tensor, answer_ids: Tensor) -> _Reference:
-    logp_model = F.log_softmax(clean.float(), dim=-1)
-    ce_ablated = {hooks: _cross_entropy(F.log_softmax(logits.float(), dim=-1), targets)
-                  for hooks, logits in ablated.items()}
-    return _Reference(logp_model, predict(clean, answer_ids), _cross_entropy(logp_model, targets), ce_ablated)
+def _reference(scored: _Scored, clean: Tensor, ablated: dict[frozenset[str], Tensor], answer_ids: Tensor) -> _Reference:
+    logits = scored.take(clean)
+    logp_model = F.log_softmax(logits.float(), dim=-1)
+    ce_ablated = {hooks: _cross_entropy(F.log_softmax(scored.take(out).float(), dim=-1), scored.targets)
+                  for hooks, out in ablated.items()}
+    return _Reference(logp_model, predict(logits, answer_ids), _cross_entropy(logp_model, scored.targets), ce_ablated)
 
 
-def _position_terms(ref: _Reference, proxied: Tensor, hooks: frozenset[str], targets: Tensor,
-                    answer_ids: Tensor) -> dict[str, Tensor]:
-    """Per-position metric terms ``[batch, pos]`` of one proxy's logits against the batch's reference."""
-    logp_proxy = F.log_softmax(proxied.float(), dim=-1)
-    pred_proxy = predict(proxied, answer_ids)
-    return {
-        "acc_model": (ref.pred_model == targets).double(),
-        "acc_proxy": (pred_proxy == targets).double(),
-        "agreement": (pred_proxy == ref.pred_model).double(),
-        "kl": (ref.logp_model.exp() * (ref.logp_model - logp_proxy)).sum(-1).double(),
-        "ce_model": ref.ce_model,
-        "ce_proxy": _cross_entropy(logp_proxy, targets),
-        "ce_ablated": ref.ce_ablated[hooks],
-    }
+POSITION_TERMS = ("acc_model", "acc_proxy", "agreement", "kl", "ce_model", "ce_proxy", "ce_ablated")
+
+
+def _position_terms(ref: _Reference, scored: _Scored, proxied: Tensor, hooks: frozenset[str],
+                    answer_ids: Tensor) -> Tensor:
+    """``[term, n]``: each of :data:`POSITION_TERMS` of one proxy's logits at the scored positions."""
+    logits = scored.take(proxied)
+    logp_proxy = F.log_softmax(logits.float(), dim=-1)
+    pred_proxy = predict(logits, answer_ids)
+    return torch.stack([
+        (ref.pred_model == scored.targets).float(),
+        (pred_proxy == scored.targets).float(),
+        (pred_proxy == ref.pred_model).float(),
+        (ref.logp_model.exp() * (ref.logp_model - logp_proxy)).sum(-1),
+        ref.ce_model,
+        _cross_entropy(logp_proxy, scored.targets),
+        ref.ce_ablated[hooks],
+    ])
 
 
 def _ev_terms(act: Tensor, out: Tensor, real: Tensor) -> dict[str, np.ndarray]:
     """Per-sequence sums of ||x - x_hat||^2, ||x||^2, x and the token count over real positions.
 
-    Elementwise work stays in the activations' dtype; every sum over tokens is taken in float64.
+    Sums within one sequence run in float32 (or the activations' dtype if wider); the sums
+    across sequences that the metric needs are taken in float64 afterwards.
     """
-    mask = real[..., None].to(act.dtype)
-    x = act.flatten(start_dim=2) * mask
-    x_hat = out.flatten(start_dim=2) * mask
+    dtype = torch.promote_types(act.dtype, torch.float32)
+    x = act.flatten(start_dim=2).to(dtype)
+    x_hat = out.flatten(start_dim=2).to(dtype)
+    mask = real.to(dtype)
     return {
-        "err": _to_numpy(((x - x_hat) ** 2).sum(dim=(1, 2), dtype=torch.float64)),
-        "sq": _to_numpy((x**2).sum(dim=(1, 2), dtype=torch.float64)),
-        "total": _to_numpy(x.sum(dim=1, dtype=torch.float64)),
+        "err": _to_numpy(torch.einsum("bp,bp->b", mask, (x - x_hat).square().sum(-1))),
+        "sq": _to_numpy(torch.einsum("bp,bp->b", mask, x.square().sum(-1))),
+        "total": _to_numpy(torch.einsum("bp,bpf->bf", mask, x)),
         "count": _to_numpy(real.sum(dim=1)),
     }
 
@@ -196,8 +237,10 @@ def evaluate(
         ablation: ``"mean"`` (fit on the train split) or ``"zero"``: the baseline of ``ce_score``.
         ablation_sequences: train sequences the mean ablation is fit on.
         reuse_prefix: rerun each proxy only from its first hooked layer, starting from the clean
-            residual stream cached there (checked once per layer against the full pass, and used
-            only where the backend really skips the earlier blocks: HookedTransformer).
+            residual stream cached there: ``start_at_layer`` on HookedTransformer, the blocks called
+            directly on TransformerBridge. Checked once per layer against the clean logits (and that
+            the earlier blocks really did not run); a full pass wherever that check fails. The way
+            used per layer is in ``results.meta["evaluation"]["prefix_reuse"]``.
         proxy_batch: run up to this many proxies that edit the same hooks together in one forward
             pass, each on its own copy of the batch. Saves per-call overhead (small models on an
             accelerator); on CPU it measured slower (benchmarks/bench_evaluate.py), hence 1.
@@ -226,6 +269,7 @@ def evaluate(
     answer_ids = (task.answer_ids if task is not None else torch.arange(model.cfg.d_vocab)).to(device)
     ablations = _ablation_proxies(model, proxies, splits, ablation, ablation_sequences)
     runner = Runner(model, reuse_prefix)
+    trim_heap = HeapTrimmer()
     sums: dict[str, dict[str, _Sums]] = {}
     timings = {"clean_s": 0.0, "proxies_s": 0.0, "ablations_s": 0.0}
     was_training = model.training
@@ -235,13 +279,14 @@ def evaluate(
         with torch.no_grad():
             for split in splits.values():
                 sums[split.name] = _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size,
-                                                   proxy_batch, timings, bar, device)
+                                                   proxy_batch, timings, bar, device, trim_heap)
     finally:
         bar.close()
         model.train(was_training)
     return _summarise(proxies, splits, sums, n_boot, seed, meta={
         "evaluation": {"batch_size": batch_size, "proxy_batch": proxy_batch, "n_boot": n_boot, "seed": seed, "ablation": ablation,
-                       "ablation_sequences": ablation_sequences, "prefix_reuse": dict(runner.prefix_ok)},
+                       "ablation_sequences": ablation_sequences, "prefix_reuse": dict(runner.resume),
+                       "heap_trims": trim_heap.trims},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "backend": model_backend(model),
         "task": task.to_dict() if task is not None else None,
@@ -251,7 +296,7 @@ def evaluate(
 
 
 def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, proxy_batch, timings, bar,
-                    device) -> dict[str, _Sums]:
+                    device, trim_heap: HeapTrimmer) -> dict[str, _Sums]:
     attn_layers = {name: _attention_layers(p.hook_names) for name, p in proxies.items()}
     start_layers = {s for s in (start_layer(list(h)) for h in ablations) if s is not None}
     pattern_layers = {layer for layers in attn_layers.values() for layer in layers}
@@ -269,31 +314,32 @@ def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, p
         ablated = {hooks: runner.run(batch.tokens, resid, start_layer(list(hooks)), proxy.fwd_hooks())
                    for hooks, proxy in ablations.items()}
         timings["ablations_s"] += time.perf_counter() - tick
-        categories = _categories(batch)
+        scored = _Scored.of(batch)
         tick = time.perf_counter()
-        ref = _reference(clean, ablated, batch.targets, answer_ids)
+        ref = _reference(scored, clean, ablated, answer_ids)
         for hooks, names in groups.items():
             for first in range(0, len(names), proxy_batch):
                 chunk = names[first:first + proxy_batch]
                 runs = run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
                 for name, (logits, recorder) in zip(chunk, runs, strict=True):
-                    terms = _position_terms(ref, logits, frozenset(hooks), batch.targets, answer_ids)
-                    _accumulate(out[name], terms, categories, recorder, clean_argmax, batch.real_mask)
+                    terms = _position_terms(ref, scored, logits, frozenset(hooks), answer_ids)
+                    _accumulate(out[name], terms, scored, recorder, clean_argmax, batch.real_mask)
         del ref, runs, clean, resid, clean_patterns, clean_argmax, ablated
-        release_freed_memory()  # a loop of large, differently sized temporaries fragments the heap
+        trim_heap()  # a loop of large, differently sized temporaries fragments the heap
         timings["proxies_s"] += time.perf_counter() - tick
         bar.update(len(batch))
     return out
 
 
-def _accumulate(sums: _Sums, terms: dict[str, Tensor], categories: dict[str, Tensor], recorder: Recorder,
-                clean_argmax: dict[int, Tensor], real: Tensor) -> None:
-    """Add one batch's per-sequence sums for one proxy."""
-    for category, mask in categories.items():
+def _accumulate(sums: _Sums, terms: Tensor, scored: _Scored, recorder: Recorder, clean_argmax: dict[int, Tensor],
+                real: Tensor) -> None:
+    """Add one batch's per-sequence sums for one proxy; ``terms`` is :func:`_position_terms`' output."""
+    per_sequence = scored.per_sequence(terms)
+    for c, category in enumerate(scored.names):
         sink = sums.by_category[category]
-        for metric, values in terms.items():
-            sink[metric].append(_to_numpy((values * mask).sum(dim=1)))
-        sink["count"].append(_to_numpy(mask.sum(dim=1)))
+        for t, metric in enumerate(POSITION_TERMS):
+            sink[metric].append(per_sequence[c, t])
+        sink["count"].append(scored.counts[c])
     for hook, (act, hat) in recorder.acts.items():
         if not is_attention_pattern(hook):
             for term, values in _ev_terms(act, hat, real).items():
@@ -308,31 +354,38 @@ def _summarise(proxies, splits: SplitSet, sums, n_boot: int, seed: int, meta: di
     samples: dict[tuple[str, str, str, str], np.ndarray] = {}
     for index, split in enumerate(splits.values()):
         weights = stats.bootstrap_weights(len(split), n_boot, seed + index)
+        tables = {name: (sums[split.name][name].categories(), sums[split.name][name].hooks()) for name in proxies}
+        # Every per-sequence column of the split, resampled with one matrix product.
+        resampled = stats.Resampled.of({(name, key, column): values for name, parts in tables.items()
+                                        for part in parts for key, table in part.items()
+                                        for column, values in table.items()}, weights)
         for name, proxy in proxies.items():
             method, size = _proxy_method(proxy)
             base = dict(split=split.name, role=split.role, proxy=name, method=method, size=size,
                         n_sequences=len(split), hooks="+".join(proxy.hook_names))
-            per_category = sums[split.name][name].categories()
+            per_category, per_hook = tables[name]
             for category, table in per_category.items():
                 n_positions = int(table["count"].sum())
+                col = {column: (name, category, column) for column in table}
                 for metric in (*POSITION_METRICS, "acc_delta", "ce_score"):
                     if metric == "ce_score":
-                        terms = {k: table[k] for k in ("ce_ablated", "ce_proxy", "ce_model")}
-                        est, boot = stats.estimate(stats.ce_score, terms, weights)
+                        est, boot = resampled.estimate(stats.ce_score, ce_ablated=col["ce_ablated"],
+                                                       ce_proxy=col["ce_proxy"], ce_model=col["ce_model"])
                     elif metric == "acc_delta":  # paired: both accuracies from the same resampled sequences
-                        terms = {"a": table["acc_proxy"], "b": table["acc_model"], "den": table["count"]}
-                        est, boot = stats.estimate(stats.ratio_difference, terms, weights)
+                        est, boot = resampled.estimate(stats.ratio_difference, a=col["acc_proxy"], b=col["acc_model"],
+                                                       den=col["count"])
                     else:
-                        est, boot = stats.estimate(stats.ratio, {"num": table[metric], "den": table["count"]}, weights)
+                        est, boot = resampled.estimate(stats.ratio, num=col[metric], den=col["count"])
                     samples[(split.name, name, category, metric)] = boot
                     records.append(Record(**base, category=category, metric=metric, value=est.value,
                                           ci_low=est.ci_low, ci_high=est.ci_high, n_positions=n_positions))
-            for hook, table in sums[split.name][name].hooks().items():
+            for hook, table in per_hook.items():
+                columns = {column: (name, hook, column) for column in table}
                 if hook.startswith("attn") and "num" in table:
-                    est, boot = stats.estimate(stats.ratio, table, weights)
+                    est, _ = resampled.estimate(stats.ratio, **columns)
                     metric, hook_name = "attn_agreement", f"blocks.{hook[4:]}.attn.hook_pattern"
                 else:
-                    est, boot = stats.estimate(stats.explained_variance, table, weights)
+                    est, _ = resampled.estimate(stats.explained_variance, **columns)
                     metric, hook_name = "explained_variance", hook
                 records.append(Record(**base, category="all", metric=metric, value=est.value, ci_low=est.ci_low,
                                       ci_high=est.ci_high, n_positions=int(table.get("count", table.get("den")).sum()),

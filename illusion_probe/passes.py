@@ -1,8 +1,8 @@
 """Forward passes for evaluation: the clean pass once per batch, then each proxy.
 
 The clean pass keeps the residual stream entering each hooked layer; a proxy's pass
-restarts there (``start_at_layer``) where the backend really skips the earlier blocks,
-and proxies that edit the same hooks can share one stacked pass.
+restarts there, by whichever way of resuming the backend supports and that is verified
+against the clean logits, and proxies that edit the same hooks can share one stacked pass.
 """
 
 from __future__ import annotations
@@ -21,12 +21,19 @@ def start_layer(hooks: list[str]) -> int | None:
 
 
 class Runner:
-    """Runs a model from a cached clean prefix, falling back to full passes where unsupported."""
+    """Runs a model from a cached clean prefix, falling back to full passes where that fails.
+
+    Two ways to resume at block ``L`` from the residual entering it are tried, once per layer,
+    and the first that reproduces the clean logits *and* skips blocks ``0..L-1`` is kept:
+    ``model(resid, start_at_layer=L)`` (HookedTransformer), then calling blocks ``L..``, the
+    final norm and the unembedding directly (TransformerBridge, whose ``start_at_layer`` still
+    runs the earlier blocks). Hooks fire either way: they sit on the modules that run.
+    """
 
     def __init__(self, model: torch.nn.Module, reuse_prefix: bool = True):
         self.model = model
         self.reuse_prefix = reuse_prefix
-        self.prefix_ok: dict[int, bool] = {}
+        self.resume: dict[int, str | None] = {}  # layer -> name of the verified way to resume, or None
 
     def clean(self, tokens: Tensor, layers: set[int], patterns: set[int]
               ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
@@ -39,8 +46,8 @@ class Runner:
         with self.model.hooks(fwd_hooks=hooks):
             logits = self.model(tokens)
         for layer in layers:
-            if layer not in self.prefix_ok:
-                self.prefix_ok[layer] = self._prefix_matches(resid[layer], layer, logits)
+            if layer not in self.resume:
+                self.resume[layer] = self._verified_resume(resid[layer], layer, logits)
         return logits, resid, pattern
 
     @staticmethod
@@ -49,30 +56,48 @@ class Runner:
             sink[layer] = act.detach()
         return hook
 
-    def _prefix_matches(self, resid: Tensor, layer: int, logits: Tensor) -> bool:
-        """Whether ``start_at_layer`` reproduces the clean logits *and* skips the earlier blocks.
-
-        TransformerBridge on TransformerLens 4.x accepts ``start_at_layer`` but still runs every
-        block (it swaps the cached residual in at block ``layer``), so there it saves nothing.
-        """
+    def _verified_resume(self, resid: Tensor, layer: int, logits: Tensor) -> str | None:
+        """The first way to resume at ``layer`` that skips the earlier blocks and reproduces ``logits``."""
         skipped_ran: list[int] = []
-        handles = [block.register_forward_pre_hook(lambda *_: skipped_ran.append(1))
-                   for block in list(self.model.blocks)[:layer]]
-        try:
-            rerun = self.model(resid, start_at_layer=layer)
-        except (NotImplementedError, TypeError, ValueError, RuntimeError):
-            return False
-        finally:
-            for handle in handles:
-                handle.remove()
-        return not skipped_ran and rerun.shape == logits.shape and torch.allclose(rerun, logits, atol=1e-4, rtol=1e-4)
+        for name in RESUME_WAYS:
+            skipped_ran.clear()
+            handles = [block.register_forward_pre_hook(lambda *_: skipped_ran.append(1))
+                       for block in list(self.model.blocks)[:layer]]
+            try:
+                rerun = RESUME_WAYS[name](self.model, resid, layer)
+            except (NotImplementedError, TypeError, ValueError, RuntimeError, AttributeError):
+                continue
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if not skipped_ran and rerun.shape == logits.shape and torch.allclose(rerun, logits, atol=1e-4, rtol=1e-4):
+                return name
+        return None
 
     def run(self, tokens: Tensor, resid: dict[int, Tensor], start: int | None, hooks: list) -> Tensor:
         """Logits with ``hooks`` attached, from the cached residual at ``start`` where that is verified."""
+        way = self.resume.get(start) if start is not None else None
         with self.model.hooks(fwd_hooks=hooks):
-            if start is not None and self.prefix_ok.get(start):
-                return self.model(resid[start], start_at_layer=start)
+            if way is not None:
+                return RESUME_WAYS[way](self.model, resid[start], start)
             return self.model(tokens)
+
+
+def _start_at_layer(model: torch.nn.Module, resid: Tensor, layer: int) -> Tensor:
+    return model(resid, start_at_layer=layer)
+
+
+def _blocks_from(model: torch.nn.Module, resid: Tensor, layer: int) -> Tensor:
+    """Blocks ``layer..``, the final norm and the unembedding, called directly (HF-style block calls)."""
+    x = resid
+    position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    for block in list(model.blocks)[layer:]:
+        out = block(x, attention_mask=None, position_ids=position_ids)
+        x = out[0] if isinstance(out, tuple) else out
+    return model.unembed(model.ln_final(x))
+
+
+RESUME_WAYS = {"start_at_layer": _start_at_layer, "blocks": _blocks_from}
 
 
 def capture_patterns(layers: list[int], sink: dict[int, Tensor]) -> list:

@@ -35,27 +35,59 @@ def bootstrap_weights(n_sequences: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n_sequences, np.full(n_sequences, 1.0 / n_sequences), size=n_boot).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class Resampled:
+    """Totals over sequences of a table of per-sequence sums, plain and bootstrap-resampled.
+
+    Attributes:
+        totals: name -> the sum over sequences (``[]`` or ``[d]``).
+        samples: name -> ``[n_boot]`` or ``[n_boot, d]`` resampled sums.
+    """
+
+    totals: dict[str, np.ndarray]
+    samples: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, sums: dict[str, np.ndarray], weights: np.ndarray) -> Resampled:
+        """Resample every entry of ``sums`` (each ``[n_seq]`` or ``[n_seq, d]``) with one matrix product."""
+        columns = [v.reshape(len(v), -1) for v in sums.values()]
+        stacked = np.concatenate(columns, axis=1) if columns else np.zeros((weights.shape[1], 0))
+        edges = np.cumsum([0] + [c.shape[1] for c in columns])
+        totals, samples = stacked.sum(axis=0), weights @ stacked
+        shapes = [v.shape[1:] for v in sums.values()]
+        return cls(
+            {k: totals[a:b].reshape(shape) for k, a, b, shape in zip(sums, edges[:-1], edges[1:], shapes, strict=True)},
+            {k: samples[:, a:b].reshape(-1, *shape) for k, a, b, shape in zip(sums, edges[:-1], edges[1:], shapes,
+                                                                                strict=True)},
+        )
+
+    def estimate(self, statistic: Callable[..., np.ndarray | float], **names: str) -> tuple[Estimate, np.ndarray]:
+        """Evaluate ``statistic`` on the totals and on each resample; ``names`` maps its arguments to entries.
+
+        ``statistic`` is called once with plain totals and once with ``[n_boot, ...]`` resampled
+        totals, so it must broadcast over a leading axis. Returns the estimate and the ``[n_boot]``
+        bootstrap samples (NaN where a resample is undefined), so differences between
+        independently resampled splits can be bootstrapped too.
+        """
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = float(statistic(**{arg: self.totals[name] for arg, name in names.items()}))
+            boot = np.asarray(statistic(**{arg: self.samples[name] for arg, name in names.items()}), dtype=np.float64)
+        low, high = interval(boot)
+        return Estimate(value, low, high), boot
+
+
 def estimate(
     statistic: Callable[..., np.ndarray | float], sums: dict[str, np.ndarray], weights: np.ndarray
 ) -> tuple[Estimate, np.ndarray]:
-    """Evaluate ``statistic`` on the totals of ``sums`` and on each bootstrap resample.
+    """:meth:`Resampled.estimate` of ``statistic`` on ``sums`` (keys named as its arguments).
 
     Args:
         statistic: maps keyword totals (each summed over sequences; vectors keep their
-            trailing dimension) to a value. Called once with plain totals and once with
-            ``[n_boot, ...]`` resampled totals, so it must broadcast over a leading axis.
+            trailing dimension) to a value; must broadcast over a leading axis.
         sums: per-sequence sums, each ``[n_seq]`` or ``[n_seq, d]``.
         weights: ``[n_boot, n_seq]`` from :func:`bootstrap_weights`.
-
-    Returns:
-        The estimate and the ``[n_boot]`` bootstrap samples (NaN where a resample is undefined),
-        so differences between independently resampled splits can be bootstrapped too.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = float(statistic(**{k: v.sum(axis=0) for k, v in sums.items()}))
-        samples = np.asarray(statistic(**{k: weights @ v for k, v in sums.items()}), dtype=np.float64)
-    low, high = interval(samples)
-    return Estimate(value, low, high), samples
+    return Resampled.of(sums, weights).estimate(statistic, **{k: k for k in sums})
 
 
 def interval(samples: np.ndarray) -> tuple[float, float]:

@@ -126,8 +126,10 @@ def test_prefix_reuse_gives_the_same_numbers(backend, splits) -> None:
     for a, b in zip(fast.records, full.records, strict=True):
         assert (a.split, a.metric, a.category) == (b.split, b.metric, b.category)
         assert a.value == pytest.approx(b.value, abs=1e-5)
-    # Only HookedTransformer really skips the earlier blocks; bridges run them anyway, so no reuse there.
-    assert fast.meta["evaluation"]["prefix_reuse"] == {1: backend == "hooked"}
+    # Bridges accept start_at_layer but still run the earlier blocks, so their blocks are called directly.
+    expected = "start_at_layer" if backend == "hooked" else "blocks"
+    assert fast.meta["evaluation"]["prefix_reuse"] == {1: expected}
+    assert full.meta["evaluation"]["prefix_reuse"] == {}
 
 
 def test_acc_delta_is_the_paired_difference(model, splits) -> None:
@@ -149,3 +151,17 @@ def test_stacking_proxies_in_one_pass_changes_nothing(model, splits) -> None:
     for a, b in zip(one.records, stacked.records, strict=True):
         assert (a.split, a.proxy, a.metric, a.hook) == (b.split, b.proxy, b.metric, b.hook)
         assert a.value == pytest.approx(b.value, abs=1e-5)
+
+
+def test_prefix_reuse_on_every_model_family(model_family, random_train_split) -> None:
+    """Whatever way of resuming a family gets (or none), the numbers equal those of full passes."""
+    split = random_train_split
+    held_out = ip.Split.from_tokens(split.tokens.flip(0), "ood", name="ood_flipped", pad_id=0)
+    splits = ip.SplitSet([split, held_out])
+    proxy = ip.fit_proxy(model_family, {"blocks.1.hook_resid_pre": ip.PCA(rank=2)}, split)
+    fast = ip.evaluate(model_family, {"p": proxy}, splits, n_boot=0, reuse_prefix=True, progress=False)
+    full = ip.evaluate(model_family, {"p": proxy}, splits, n_boot=0, reuse_prefix=False, progress=False)
+    for a, b in zip(fast.records, full.records, strict=True):
+        assert (a.split, a.metric, a.category) == (b.split, b.metric, b.category)
+        assert a.value == pytest.approx(b.value, abs=1e-5, nan_ok=True)
+    assert fast.meta["evaluation"]["prefix_reuse"][1] in ("start_at_layer", "blocks", None)

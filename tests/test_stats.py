@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from illusion_probe import stats
 
@@ -56,3 +57,17 @@ def test_explained_variance_matches_definition() -> None:
     assert np.isclose(got, expected)
     assert np.isclose(stats.explained_variance(err=np.array(0.0), sq=(x**2).sum(), total=x.sum(axis=(0, 1)),
                                                count=np.array(12.0)), 1.0)
+
+
+def test_resampled_equals_one_product_per_column() -> None:
+    rng = np.random.default_rng(0)
+    sums = {"num": rng.random(30), "den": rng.random(30) + 1, "total": rng.random((30, 4))}
+    weights = stats.bootstrap_weights(30, 50, seed=2)
+    resampled = stats.Resampled.of(sums, weights)
+    for key, values in sums.items():
+        np.testing.assert_allclose(resampled.totals[key], values.sum(axis=0))
+        np.testing.assert_allclose(resampled.samples[key], weights @ values)
+    assert resampled.samples["total"].shape == (50, 4)
+    est, boot = resampled.estimate(stats.ratio, num="num", den="den")
+    assert est.value == pytest.approx(sums["num"].sum() / sums["den"].sum())
+    np.testing.assert_allclose(boot, (weights @ sums["num"]) / (weights @ sums["den"]))
