@@ -129,11 +129,16 @@ def run_group(runner: Runner, tokens: Tensor, resid: dict[int, Tensor], group: l
     """Run proxies that edit the same hooks in one forward pass, each on its own copy of the batch."""
     recorders = [Recorder() for _ in group]
     per_proxy = [dict(proxy.fwd_hooks(on_apply=rec)) for proxy, rec in zip(group, recorders, strict=True)]
+    start = start_layer(list(group[0].hook_names))
+    if len(group) == 1:  # nothing to stack: no copies of the batch, no slicing in the hooks
+        patterns: dict[int, Tensor] = {}
+        logits = runner.run(tokens, resid, start, [*per_proxy[0].items(), *capture_patterns(attn_layers, patterns)])
+        recorders[0].patterns.update(patterns)
+        return [(logits, recorders[0])]
     hooks = [(hook, stacked([fns[hook] for fns in per_proxy])) for hook in group[0].hook_names]
     stacked_patterns: dict[int, Tensor] = {}
     hooks += capture_patterns(attn_layers, stacked_patterns)
     copies = len(group)
-    start = start_layer(list(group[0].hook_names))
     stacked_resid = {layer: r.repeat(copies, *([1] * (r.ndim - 1))) for layer, r in resid.items() if layer == start}
     logits = runner.run(tokens.repeat(copies, 1), stacked_resid, start, hooks).chunk(copies, dim=0)
     for layer, pattern in stacked_patterns.items():

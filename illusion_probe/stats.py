@@ -53,7 +53,10 @@ class Resampled:
         columns = [v.reshape(len(v), -1) for v in sums.values()]
         stacked = np.concatenate(columns, axis=1) if columns else np.zeros((weights.shape[1], 0))
         edges = np.cumsum([0] + [c.shape[1] for c in columns])
-        totals, samples = stacked.sum(axis=0), weights @ stacked
+        # Many columns repeat (counts, the model's own terms, sums of a hook's clean input shared by
+        # every proxy on it): resample each distinct column once.
+        distinct, copies = np.unique(stacked, axis=1, return_inverse=True)
+        totals, samples = stacked.sum(axis=0), (weights @ distinct)[:, copies.reshape(-1)]
         shapes = [v.shape[1:] for v in sums.values()]
         return cls(
             {k: totals[a:b].reshape(shape) for k, a, b, shape in zip(sums, edges[:-1], edges[1:], shapes, strict=True)},
