@@ -61,7 +61,10 @@ def test_explained_variance_matches_definition() -> None:
 
 def test_resampled_equals_one_product_per_column() -> None:
     rng = np.random.default_rng(0)
-    sums = {"num": rng.random(30), "den": rng.random(30) + 1, "total": rng.random((30, 4))}
+    den = rng.random(30) + 1
+    total = rng.random((30, 4))
+    total[:, 2] = den  # repeated columns are resampled once and must come back in every place
+    sums = {"num": rng.random(30), "den": den, "total": total, "den_again": den.copy()}
     weights = stats.bootstrap_weights(30, 50, seed=2)
     resampled = stats.Resampled.of(sums, weights)
     for key, values in sums.items():
