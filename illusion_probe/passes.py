@@ -59,12 +59,12 @@ class Runner:
     def _verified_resume(self, resid: Tensor, layer: int, logits: Tensor) -> str | None:
         """The first way to resume at ``layer`` that skips the earlier blocks and reproduces ``logits``."""
         skipped_ran: list[int] = []
-        for name in RESUME_WAYS:
+        for name, resume in RESUME_WAYS.items():
             skipped_ran.clear()
             handles = [block.register_forward_pre_hook(lambda *_: skipped_ran.append(1))
                        for block in list(self.model.blocks)[:layer]]
             try:
-                rerun = RESUME_WAYS[name](self.model, resid, layer)
+                rerun = resume(self.model, resid, layer)
             except (NotImplementedError, TypeError, ValueError, RuntimeError, AttributeError):
                 continue
             finally:

@@ -144,8 +144,8 @@ def sample_batch(
     tokens = torch.from_numpy(tokens).view(n, width)
     tokens[:, 0] = BOS_ID
     deepest = depth.amax(dim=1).long()
-    no_holdout = torch.zeros(n, dtype=torch.bool)
-    has_held_out = no_holdout if holdout is None else _held_out_blocks(depth, holdout).any(dim=1)
+    has_held_out = (torch.zeros(n, dtype=torch.bool) if holdout is None
+                    else _held_out_blocks(depth, holdout).any(dim=1))
     return SampleBatch(tokens, lengths, deepest, has_held_out)
 
 
