@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,10 +40,18 @@ POSITION_METRICS = ("acc_model", "acc_proxy", "agreement", "kl")
 
 @dataclass
 class _Sums:
-    """Per-sequence sums for one (split, proxy); lists of per-batch arrays, concatenated at the end."""
+    """Per-sequence sums of one table (a proxy, the model, or an ablation baseline) on one split:
+    lists of per-batch arrays, concatenated at the end."""
 
     by_category: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     by_hook: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    def add(self, scored: _Scored, names: tuple[str, ...], terms: Tensor) -> None:
+        """Add one batch of position terms ``[term, n]`` (named ``names``), summed per sequence and category."""
+        per_sequence = scored.per_sequence(terms)
+        for c, category in enumerate(scored.names):
+            for t, name in enumerate(names):
+                self.by_category[category][name].append(per_sequence[c, t])
 
     @staticmethod
     def _concat(table: dict[str, dict[str, list[np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
@@ -70,7 +78,7 @@ class _Scored:
         targets: ``[n]`` their target tokens.
         names: position categories: ``all`` plus every boolean label of the split.
         masks: ``[category, n]`` float64, which scored positions each category keeps.
-        counts: ``[category, batch]`` scored positions per sequence and category.
+        n_sequences: sequences in the batch.
     """
 
     index: Tensor
@@ -78,7 +86,7 @@ class _Scored:
     targets: Tensor
     names: list[str]
     masks: Tensor
-    counts: np.ndarray
+    n_sequences: int
 
     @classmethod
     def of(cls, split: Split) -> _Scored:
@@ -89,8 +97,8 @@ class _Scored:
             if label.dtype == torch.bool:
                 categories[name] = split.eval_mask & label
         full = torch.stack(list(categories.values())).reshape(len(categories), -1)
-        return cls(index, index // n_pos, split.targets.reshape(-1)[index], list(categories),
-                   full[:, index].double(), _to_numpy(full.reshape(len(categories), n_seq, n_pos).sum(dim=-1)))
+        return cls(index, index // n_pos, split.targets.reshape(-1)[index], list(categories), full[:, index].double(),
+                   n_seq)
 
     def take(self, logits: Tensor) -> Tensor:
         """``[batch, pos, d_vocab] -> [n, d_vocab]``: the logits at the scored positions."""
@@ -98,8 +106,7 @@ class _Scored:
 
     def per_sequence(self, terms: Tensor) -> np.ndarray:
         """``[term, n] -> [category, term, batch]``: each term summed per sequence within each category."""
-        out = torch.zeros(len(self.names), len(terms), self.counts.shape[1], dtype=torch.float64,
-                          device=terms.device)
+        out = torch.zeros(len(self.names), len(terms), self.n_sequences, dtype=torch.float64, device=terms.device)
         return _to_numpy(out.index_add_(2, self.sequence, self.masks[:, None, :] * terms.double()[None]))
 
 
@@ -120,45 +127,47 @@ def _attention_layers(hooks: list[str]) -> list[int]:
 
 @dataclass(frozen=True)
 class _Reference:
-    """What every proxy of a batch is compared with, computed once per batch at its scored
-    positions: the clean model's log-probabilities, predictions and cross-entropy, and each
-    ablation's cross-entropy (all ``[n, ...]`` as in :class:`_Scored`)."""
+    """The clean model's log-probabilities and predictions at the scored positions of a batch
+    (``[n, d_vocab]`` and ``[n]`` as in :class:`_Scored`), which every proxy is compared with."""
 
     logp_model: Tensor
     pred_model: Tensor
-    ce_model: Tensor
-    ce_ablated: dict[frozenset[str], Tensor]
 
 
 def _cross_entropy(logp: Tensor, targets: Tensor) -> Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def _reference(scored: _Scored, clean: Tensor, ablated: dict[frozenset[str], Tensor], answer_ids: Tensor) -> _Reference:
-    logits = scored.take(clean)
-    logp_model = F.log_softmax(logits.float(), dim=-1)
-    ce_ablated = {hooks: _cross_entropy(F.log_softmax(scored.take(out).float(), dim=-1), scored.targets)
-                  for hooks, out in ablated.items()}
-    return _Reference(logp_model, predict(logits, answer_ids), _cross_entropy(logp_model, scored.targets), ce_ablated)
+def _scored_logp(scored: _Scored, logits: Tensor) -> Tensor:
+    """``[batch, pos, d_vocab] -> [n, d_vocab]``: log-probabilities at the scored positions."""
+    return F.log_softmax(scored.take(logits).float(), dim=-1)
 
 
-POSITION_TERMS = ("acc_model", "acc_proxy", "agreement", "kl", "ce_model", "ce_proxy", "ce_ablated")
+#: Per-sequence sums of each table: the model's own (``count`` is the number of scored positions),
+#: each proxy's, and each ablation baseline's (a baseline's ``ce_ablated`` is read from a proxy's
+#: ``ce_proxy`` where a proxy makes the very same edit, see :meth:`Proxy.same_edit`).
+MODEL_TERMS = ("count", "acc_model", "ce_model")
+PROXY_TERMS = ("acc_proxy", "agreement", "kl", "ce_proxy")
+BASELINE_TERMS = ("ce_ablated",)
+MODEL = ("model",)  # key of the model's table; proxies' tables are keyed by their (string) names
 
 
-def _position_terms(ref: _Reference, scored: _Scored, proxied: Tensor, hooks: frozenset[str],
-                    answer_ids: Tensor) -> Tensor:
-    """``[term, n]``: each of :data:`POSITION_TERMS` of one proxy's logits at the scored positions."""
+def _model_terms(ref: _Reference, scored: _Scored) -> Tensor:
+    """``[term, n]``: each of :data:`MODEL_TERMS` at the scored positions."""
+    return torch.stack([torch.ones_like(ref.logp_model[:, 0]), (ref.pred_model == scored.targets).float(),
+                        _cross_entropy(ref.logp_model, scored.targets)])
+
+
+def _proxy_terms(ref: _Reference, scored: _Scored, proxied: Tensor, answer_ids: Tensor) -> Tensor:
+    """``[term, n]``: each of :data:`PROXY_TERMS` of one proxy's logits at the scored positions."""
     logits = scored.take(proxied)
     logp_proxy = F.log_softmax(logits.float(), dim=-1)
     pred_proxy = predict(logits, answer_ids)
     return torch.stack([
-        (ref.pred_model == scored.targets).float(),
         (pred_proxy == scored.targets).float(),
         (pred_proxy == ref.pred_model).float(),
         (ref.logp_model.exp() * (ref.logp_model - logp_proxy)).sum(-1),
-        ref.ce_model,
         _cross_entropy(logp_proxy, scored.targets),
-        ref.ce_ablated[hooks],
     ])
 
 
@@ -169,13 +178,12 @@ def _ev_terms(act: Tensor, out: Tensor, real: Tensor) -> dict[str, np.ndarray]:
     across sequences that the metric needs are taken in float64 afterwards.
     """
     dtype = torch.promote_types(act.dtype, torch.float32)
-    x = act.flatten(start_dim=2).to(dtype)
-    x_hat = out.flatten(start_dim=2).to(dtype)
-    mask = real.to(dtype)
+    x, x_hat, mask = act.to(dtype), out.to(dtype), real.to(dtype)
+    features = tuple(range(2, x.ndim))  # no flatten: a per-head hook's activations need not be contiguous
     return {
-        "err": _to_numpy(torch.einsum("bp,bp->b", mask, (x - x_hat).square().sum(-1))),
-        "sq": _to_numpy(torch.einsum("bp,bp->b", mask, x.square().sum(-1))),
-        "total": _to_numpy(torch.einsum("bp,bpf->bf", mask, x)),
+        "err": _to_numpy(((x - x_hat).square().sum(features) * mask).sum(1)),
+        "sq": _to_numpy((x.square().sum(features) * mask).sum(1)),
+        "total": _to_numpy(torch.einsum("bp,bp...->b...", mask, x).reshape(len(x), -1)),
         "count": _to_numpy(real.sum(dim=1)),
     }
 
@@ -268,9 +276,10 @@ def evaluate(
     device = next(model.parameters()).device
     answer_ids = (task.answer_ids if task is not None else torch.arange(model.cfg.d_vocab)).to(device)
     ablations = _ablation_proxies(model, proxies, splits, ablation, ablation_sequences)
+    baselines = _baseline_columns(proxies, ablations)
     runner = Runner(model, reuse_prefix)
     trim_heap = HeapTrimmer()
-    sums: dict[str, dict[str, _Sums]] = {}
+    sums: dict[str, dict[Hashable, _Sums]] = {}
     timings = {"clean_s": 0.0, "proxies_s": 0.0, "ablations_s": 0.0}
     was_training = model.training
     model.eval()
@@ -278,14 +287,16 @@ def evaluate(
     try:
         with torch.no_grad():
             for split in splits.values():
-                sums[split.name] = _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size,
-                                                   proxy_batch, timings, bar, device, trim_heap)
+                sums[split.name] = _evaluate_split(runner, proxies, ablations, baselines, split, answer_ids,
+                                                   batch_size, proxy_batch, timings, bar, device, trim_heap)
     finally:
         bar.close()
         model.train(was_training)
-    return _summarise(proxies, splits, sums, n_boot, seed, meta={
+    return _summarise(proxies, splits, sums, baselines, n_boot, seed, meta={
         "evaluation": {"batch_size": batch_size, "proxy_batch": proxy_batch, "n_boot": n_boot, "seed": seed, "ablation": ablation,
                        "ablation_sequences": ablation_sequences, "prefix_reuse": dict(runner.resume),
+                       "baseline_shared_with": {"+".join(sorted(hooks)): table for hooks, (table, _) in baselines.items()
+                                                if table in proxies},
                        "heap_trims": trim_heap.trims},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "backend": model_backend(model),
@@ -295,51 +306,62 @@ def evaluate(
     })
 
 
-def _evaluate_split(runner, proxies, ablations, split, answer_ids, batch_size, proxy_batch, timings, bar,
-                    device, trim_heap: HeapTrimmer) -> dict[str, _Sums]:
+def _baseline_columns(proxies: Mapping[str, Proxy], ablations: dict[frozenset[str], Proxy]
+                      ) -> dict[frozenset[str], tuple[Hashable, str]]:
+    """Per hook set, the (table, column) holding its ablation baseline's cross-entropy: the
+    ``ce_proxy`` of a proxy that makes the very same edit (no extra pass), else its own table."""
+    out: dict[frozenset[str], tuple[Hashable, str]] = {}
+    for hooks, baseline in ablations.items():
+        twin = next((name for name, proxy in proxies.items() if proxy.same_edit(baseline)), None)
+        out[hooks] = (twin, "ce_proxy") if twin is not None else (("ablated", hooks), "ce_ablated")
+    return out
+
+
+def _evaluate_split(runner, proxies, ablations, baselines, split, answer_ids, batch_size, proxy_batch, timings,
+                    bar, device, trim_heap: HeapTrimmer) -> dict[Hashable, _Sums]:
+    """Per-sequence sums of every table on ``split``; sequences are visited longest first (less padding
+    to run), in the same order for every table, which is all the paired bootstrap needs."""
     attn_layers = {name: _attention_layers(p.hook_names) for name, p in proxies.items()}
     start_layers = {s for s in (start_layer(list(h)) for h in ablations) if s is not None}
     pattern_layers = {layer for layers in attn_layers.values() for layer in layers}
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)  # same hooks -> one stacked pass
     for name, proxy in proxies.items():
         groups[proxy.hook_names].append(name)
-    out = {name: _Sums() for name in proxies}
-    for batch in split.batches(batch_size):
+    own_baselines = {hooks: ablations[hooks] for hooks, (table, _) in baselines.items() if table not in proxies}
+    tables: dict[Hashable, _Sums] = defaultdict(_Sums)
+    for batch in split.batches(batch_size, longest_first=True):
         batch = batch.to(device)
         tick = time.perf_counter()
         clean, resid, clean_patterns = runner.clean(batch.tokens, start_layers, pattern_layers)
         clean_argmax = {layer: pattern.argmax(-1) for layer, pattern in clean_patterns.items()}
         timings["clean_s"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        ablated = {hooks: runner.run(batch.tokens, resid, start_layer(list(hooks)), proxy.fwd_hooks())
-                   for hooks, proxy in ablations.items()}
-        timings["ablations_s"] += time.perf_counter() - tick
         scored = _Scored.of(batch)
+        logp_model = _scored_logp(scored, clean)
+        ref = _Reference(logp_model, predict(scored.take(clean), answer_ids))
+        tables[MODEL].add(scored, MODEL_TERMS, _model_terms(ref, scored))
         tick = time.perf_counter()
-        ref = _reference(scored, clean, ablated, answer_ids)
-        for hooks, names in groups.items():
+        for hooks, baseline in own_baselines.items():
+            ablated = runner.run(batch.tokens, resid, start_layer(list(hooks)), baseline.fwd_hooks())
+            tables[("ablated", hooks)].add(scored, BASELINE_TERMS,
+                                           _cross_entropy(_scored_logp(scored, ablated), scored.targets)[None])
+        timings["ablations_s"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        for names in groups.values():
             for first in range(0, len(names), proxy_batch):
                 chunk = names[first:first + proxy_batch]
                 runs = run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
                 for name, (logits, recorder) in zip(chunk, runs, strict=True):
-                    terms = _position_terms(ref, scored, logits, frozenset(hooks), answer_ids)
-                    _accumulate(out[name], terms, scored, recorder, clean_argmax, batch.real_mask)
-        del ref, runs, clean, resid, clean_patterns, clean_argmax, ablated
+                    tables[name].add(scored, PROXY_TERMS, _proxy_terms(ref, scored, logits, answer_ids))
+                    _accumulate_hooks(tables[name], recorder, clean_argmax, batch.real_mask)
+        del ref, runs, clean, resid, clean_patterns, clean_argmax
         trim_heap()  # a loop of large, differently sized temporaries fragments the heap
         timings["proxies_s"] += time.perf_counter() - tick
         bar.update(len(batch))
-    return out
+    return tables
 
 
-def _accumulate(sums: _Sums, terms: Tensor, scored: _Scored, recorder: Recorder, clean_argmax: dict[int, Tensor],
-                real: Tensor) -> None:
-    """Add one batch's per-sequence sums for one proxy; ``terms`` is :func:`_position_terms`' output."""
-    per_sequence = scored.per_sequence(terms)
-    for c, category in enumerate(scored.names):
-        sink = sums.by_category[category]
-        for t, metric in enumerate(POSITION_TERMS):
-            sink[metric].append(per_sequence[c, t])
-        sink["count"].append(scored.counts[c])
+def _accumulate_hooks(sums: _Sums, recorder: Recorder, clean_argmax: dict[int, Tensor], real: Tensor) -> None:
+    """Add one batch's per-sequence explained-variance and attention-agreement sums for one proxy."""
     for hook, (act, hat) in recorder.acts.items():
         if not is_attention_pattern(hook):
             for term, values in _ev_terms(act, hat, real).items():
@@ -349,24 +371,28 @@ def _accumulate(sums: _Sums, terms: Tensor, scored: _Scored, recorder: Recorder,
             sums.by_hook[f"attn{layer}"][term].append(values)
 
 
-def _summarise(proxies, splits: SplitSet, sums, n_boot: int, seed: int, meta: dict) -> Results:
+def _summarise(proxies, splits: SplitSet, sums, baselines, n_boot: int, seed: int, meta: dict) -> Results:
     records: list[Record] = []
     samples: dict[tuple[str, str, str, str], np.ndarray] = {}
     for index, split in enumerate(splits.values()):
         weights = stats.bootstrap_weights(len(split), n_boot, seed + index)
-        tables = {name: (sums[split.name][name].categories(), sums[split.name][name].hooks()) for name in proxies}
+        tables = {key: (table.categories(), table.hooks()) for key, table in sums[split.name].items()}
         # Every per-sequence column of the split, resampled with one matrix product.
-        resampled = stats.Resampled.of({(name, key, column): values for name, parts in tables.items()
-                                        for part in parts for key, table in part.items()
+        resampled = stats.Resampled.of({(key, part_key, column): values for key, parts in tables.items()
+                                        for part in parts for part_key, table in part.items()
                                         for column, values in table.items()}, weights)
+        model_table = tables[MODEL][0]
         for name, proxy in proxies.items():
             method, size = _proxy_method(proxy)
             base = dict(split=split.name, role=split.role, proxy=name, method=method, size=size,
                         n_sequences=len(split), hooks="+".join(proxy.hook_names))
             per_category, per_hook = tables[name]
-            for category, table in per_category.items():
-                n_positions = int(table["count"].sum())
-                col = {column: (name, category, column) for column in table}
+            baseline_table, baseline_column = baselines[frozenset(proxy.hook_names)]
+            for category in per_category:
+                n_positions = int(model_table[category]["count"].sum())
+                col = {**{term: (MODEL, category, term) for term in MODEL_TERMS},
+                       **{term: (name, category, term) for term in PROXY_TERMS},
+                       "ce_ablated": (baseline_table, category, baseline_column)}
                 for metric in (*POSITION_METRICS, "acc_delta", "ce_score"):
                     if metric == "ce_score":
                         est, boot = resampled.estimate(stats.ce_score, ce_ablated=col["ce_ablated"],

@@ -28,11 +28,15 @@ class Estimate:
 
 
 def bootstrap_weights(n_sequences: int, n_boot: int, seed: int) -> np.ndarray:
-    """``[n_boot, n_sequences]`` multinomial resampling counts from a seeded generator."""
+    """``[n_boot, n_sequences]`` resampling counts (each row multinomial) from a seeded generator.
+
+    Each row counts ``n_sequences`` uniform draws of a sequence index, via one ``bincount``.
+    """
     if n_boot <= 0 or n_sequences == 0:
         return np.zeros((0, n_sequences))
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_sequences, np.full(n_sequences, 1.0 / n_sequences), size=n_boot).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, n_sequences, size=(n_boot, n_sequences))
+    draws += np.arange(n_boot)[:, None] * n_sequences  # row r counts into [r * n, (r + 1) * n)
+    return np.bincount(draws.ravel(), minlength=n_boot * n_sequences).reshape(n_boot, n_sequences).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -49,20 +53,23 @@ class Resampled:
 
     @classmethod
     def of(cls, sums: dict[str, np.ndarray], weights: np.ndarray) -> Resampled:
-        """Resample every entry of ``sums`` (each ``[n_seq]`` or ``[n_seq, d]``) with one matrix product."""
-        columns = [v.reshape(len(v), -1) for v in sums.values()]
+        """Resample every entry of ``sums`` (each ``[n_seq]`` or ``[n_seq, d]``) with one matrix product.
+
+        Many entries repeat (counts, the model's own terms, sums of a hook's clean input shared
+        by every proxy on it): each distinct entry, found by its bytes, is resampled once.
+        """
+        fingerprint = {key: np.ascontiguousarray(v).tobytes() + repr(v.shape).encode() for key, v in sums.items()}
+        first: dict[bytes, str] = {}
+        for key, print_ in fingerprint.items():
+            first.setdefault(print_, key)
+        columns = [sums[k].reshape(len(sums[k]), -1) for k in first.values()]
         stacked = np.concatenate(columns, axis=1) if columns else np.zeros((weights.shape[1], 0))
+        totals, resampled = stacked.sum(axis=0), weights @ stacked
         edges = np.cumsum([0] + [c.shape[1] for c in columns])
-        # Many columns repeat (counts, the model's own terms, sums of a hook's clean input shared by
-        # every proxy on it): resample each distinct column once.
-        distinct, copies = np.unique(stacked, axis=1, return_inverse=True)
-        totals, samples = stacked.sum(axis=0), (weights @ distinct)[:, copies.reshape(-1)]
-        shapes = [v.shape[1:] for v in sums.values()]
-        return cls(
-            {k: totals[a:b].reshape(shape) for k, a, b, shape in zip(sums, edges[:-1], edges[1:], shapes, strict=True)},
-            {k: samples[:, a:b].reshape(-1, *shape) for k, a, b, shape in zip(sums, edges[:-1], edges[1:], shapes,
-                                                                                strict=True)},
-        )
+        where = dict(zip(first, zip(edges[:-1], edges[1:], strict=True), strict=True))  # fingerprint -> columns
+        span = {key: where[print_] for key, print_ in fingerprint.items()}
+        return cls({k: totals[a:b].reshape(sums[k].shape[1:]) for k, (a, b) in span.items()},
+                   {k: resampled[:, a:b].reshape(-1, *sums[k].shape[1:]) for k, (a, b) in span.items()})
 
     def estimate(self, statistic: Callable[..., np.ndarray | float], **names: str) -> tuple[Estimate, np.ndarray]:
         """Evaluate ``statistic`` on the totals and on each resample; ``names`` maps its arguments to entries.

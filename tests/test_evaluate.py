@@ -165,3 +165,52 @@ def test_prefix_reuse_on_every_model_family(model_family, random_train_split) ->
         assert (a.split, a.metric, a.category) == (b.split, b.metric, b.category)
         assert a.value == pytest.approx(b.value, abs=1e-5, nan_ok=True)
     assert fast.meta["evaluation"]["prefix_reuse"][1] in ("start_at_layer", "blocks", None)
+
+
+def test_baseline_pass_is_shared_with_a_proxy_making_the_same_edit(model, splits) -> None:
+    hooks = ["blocks.1.attn.hook_k", "blocks.1.attn.hook_q"]
+    pca = ip.fit_proxy(model, {h: ip.PCA(rank=2) for h in hooks}, splits["train"])
+    twin = ip.fit_proxy(model, {h: ip.MeanAblation() for h in reversed(hooks)}, splits["train"])  # the baseline's edit
+    other = ip.fit_proxy(model, {h: ip.MeanAblation() for h in hooks}, splits["train"], n_sequences=10)
+    shared = ip.evaluate(model, {"pca": pca, "mean": twin}, splits, n_boot=50, progress=False)
+    alone = ip.evaluate(model, {"pca": pca, "mean10": other}, splits, n_boot=50, progress=False)
+    assert shared.meta["evaluation"]["baseline_shared_with"] == {"+".join(sorted(hooks)): "mean"}
+    assert alone.meta["evaluation"]["baseline_shared_with"] == {}
+    for split in splits:
+        a, b = _by(shared, "pca", "ce_score", split), _by(alone, "pca", "ce_score", split)
+        assert (a.value, a.ci_low, a.ci_high) == pytest.approx((b.value, b.ci_low, b.ci_high), rel=1e-9)
+        assert _by(shared, "mean", "ce_score", split).value == 0.0
+
+
+def test_padded_sequences_of_mixed_lengths_match_a_hand_computation(model) -> None:
+    tokens = _tokens(50, 12, 5) + 1  # pad id 0 never occurs as a real token
+    lengths = torch.randint(2, SIZES.n_ctx + 1, (50,), generator=torch.Generator().manual_seed(6))
+    tokens[torch.arange(SIZES.n_ctx)[None, :] >= lengths[:, None]] = 0
+    ragged = ip.Split.from_tokens(tokens, "id", name="test", pad_id=0)
+    train = ip.Split.from_tokens(_tokens(20, 13, 7), "train", name="train")
+    proxy = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(rank=3)}, train)
+    results = ip.evaluate(model, {"r3": proxy}, ip.SplitSet([train, ragged]), batch_size=16, n_boot=0, progress=False)
+    with torch.no_grad():
+        clean = model(tokens)
+        with proxy.applied(model):
+            proxied = model(tokens)
+    mask = ragged.eval_mask
+    expected_agreement = (clean.argmax(-1) == proxied.argmax(-1))[mask].double().mean().item()
+    expected_kl = torch.nn.functional.kl_div(proxied.log_softmax(-1)[mask], clean.log_softmax(-1)[mask],
+                                             log_target=True, reduction="batchmean").item()
+    assert _by(results, "r3", "agreement").value == pytest.approx(expected_agreement, abs=1e-12)
+    assert _by(results, "r3", "kl").value == pytest.approx(expected_kl, rel=1e-4, abs=1e-7)
+    assert _by(results, "r3", "agreement").n_positions == int(mask.sum())
+
+
+def test_longest_first_batches_cover_every_sequence_once() -> None:
+    tokens = _tokens(30, 12, 8) + 1
+    lengths = torch.randint(1, SIZES.n_ctx + 1, (30,), generator=torch.Generator().manual_seed(9))
+    tokens[torch.arange(SIZES.n_ctx)[None, :] >= lengths[:, None]] = 0
+    split = ip.Split.from_tokens(tokens, "id", pad_id=0)
+    batches = list(split.batches(7, longest_first=True))
+    seen = torch.cat([b.lengths for b in batches])
+    assert seen.tolist() == sorted(lengths.tolist(), reverse=True)
+    assert all(b.tokens.shape[1] == int(b.lengths.max()) for b in batches)  # each trimmed to its longest
+    assert sorted(map(tuple, torch.cat([torch.nn.functional.pad(b.tokens, (0, SIZES.n_ctx - b.tokens.shape[1]))
+                                        for b in batches]).tolist())) == sorted(map(tuple, tokens.tolist()))

@@ -169,3 +169,18 @@ def test_unknown_proxy_format_version(native_bridge, random_train_split, tmp_pat
     with pytest.raises(ip.ArtifactError, match="unknown proxy format version 99") as err:
         ip.Proxy.load(tmp_path / "p")
     assert "\n" not in str(err.value)
+
+
+def test_same_edit_compares_methods_options_and_fitted_tensors(native_bridge, random_train_split, tmp_path) -> None:
+    k, q = "blocks.1.attn.hook_k", "blocks.1.attn.hook_q"
+    mean = ip.fit_proxy(native_bridge, {k: ip.MeanAblation(), q: ip.MeanAblation()}, random_train_split)
+    reordered = ip.fit_proxy(native_bridge, {q: ip.MeanAblation(), k: ip.MeanAblation()}, random_train_split)
+    assert mean.same_edit(reordered) and reordered.same_edit(mean)
+    mean.save(tmp_path / "mean")
+    assert mean.same_edit(ip.Proxy.load(tmp_path / "mean"))
+    fewer = ip.fit_proxy(native_bridge, {k: ip.MeanAblation(), q: ip.MeanAblation()}, random_train_split, n_sequences=5)
+    zero = ip.fit_proxy(native_bridge, {k: ip.ZeroAblation(), q: ip.ZeroAblation()}, random_train_split)
+    one_hook = ip.fit_proxy(native_bridge, {k: ip.MeanAblation()}, random_train_split)
+    pooled = ip.fit_proxy(native_bridge, {k: ip.MeanAblation(per_head=False), q: ip.MeanAblation()}, random_train_split)
+    for other in (fewer, zero, one_hook, pooled):
+        assert not mean.same_edit(other)

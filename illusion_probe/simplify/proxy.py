@@ -94,6 +94,20 @@ class Proxy:
     def __repr__(self) -> str:
         return f"<Proxy {self.name!r}>"
 
+    def same_edit(self, other: Proxy) -> bool:
+        """Whether ``other`` edits the model identically: the same hooks (in any order), each with a
+        simplifier of the same method and options and equal fitted tensors."""
+        if set(self._simplifiers) != set(other._simplifiers):
+            return False
+        for hook, mine in self._simplifiers.items():
+            theirs = other._simplifiers[hook]
+            if type(mine) is not type(theirs) or mine.options() != theirs.options():
+                return False
+            a, b = mine.state_dict(), theirs.state_dict()
+            if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+                return False
+        return True
+
     # -- running ----------------------------------------------------------------------
     def fwd_hooks(self, on_apply: OnApply | None = None) -> list[tuple[str, Callable[..., Tensor]]]:
         """``[(hook name, hook fn)]`` for ``model.run_with_hooks`` / ``model.hooks``.

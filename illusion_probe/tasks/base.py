@@ -97,11 +97,17 @@ class Split:
         """The first ``n`` sequences (all of them if there are fewer)."""
         return self.select(slice(0, n))
 
-    def batches(self, batch_size: int) -> Iterator[Split]:
-        """Consecutive sub-splits of at most ``batch_size`` sequences."""
+    def batches(self, batch_size: int, longest_first: bool = False) -> Iterator[Split]:
+        """Sub-splits of at most ``batch_size`` sequences, each trimmed to its longest sequence.
+
+        Consecutive by default; with ``longest_first`` the sequences are taken in order of
+        decreasing length (stable), so that a batch holds sequences of similar length and a
+        model run on it computes little padding.
+        """
         require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+        order = torch.sort(self.lengths, descending=True, stable=True).indices if longest_first else None
         for start in range(0, len(self), batch_size):
-            yield self.select(slice(start, start + batch_size))
+            yield self.select(slice(start, start + batch_size) if order is None else order[start:start + batch_size])
 
     def to(self, device: str | torch.device) -> Split:
         """The same split with every tensor on ``device``."""
