@@ -1,11 +1,12 @@
 """Faithfulness of simplified proxies to the original model, split by split.
 
-For each batch of a split the clean model runs once; its logits, the residual
-stream entering the earliest hooked layer, and the attention patterns that
-``attn_agreement`` needs are kept. Each proxy then reruns only the layers from
-its first hooked block on (TransformerLens ``start_at_layer``; a full pass where
-a backend lacks it). Per-sequence sums of every metric feed one sequence-level
-bootstrap per split (:mod:`illusion_probe.stats`).
+Sequences are batched longest first (little padding). For each batch the clean
+model runs once; its logits, the residual stream entering the earliest hooked
+layer, and the attention patterns that ``attn_agreement`` needs are kept. Each
+proxy then reruns only the layers from its first hooked block on
+(:class:`~illusion_probe.passes.Runner`; a full pass where no way to resume is
+verified). Per-sequence sums of every metric feed one sequence-level bootstrap
+per split (:mod:`illusion_probe.stats`).
 """
 
 from __future__ import annotations
@@ -133,14 +134,14 @@ class _Reference:
     logp_model: Tensor
     pred_model: Tensor
 
+    @classmethod
+    def of(cls, scored: _Scored, clean: Tensor, answer_ids: Tensor) -> _Reference:
+        logits = scored.take(clean)
+        return cls(F.log_softmax(logits.float(), dim=-1), predict(logits, answer_ids))
+
 
 def _cross_entropy(logp: Tensor, targets: Tensor) -> Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def _scored_logp(scored: _Scored, logits: Tensor) -> Tensor:
-    """``[batch, pos, d_vocab] -> [n, d_vocab]``: log-probabilities at the scored positions."""
-    return F.log_softmax(scored.take(logits).float(), dim=-1)
 
 
 #: Per-sequence sums of each table: the model's own (``count`` is the number of scored positions),
@@ -336,14 +337,14 @@ def _evaluate_split(runner, proxies, ablations, baselines, split, answer_ids, ba
         clean_argmax = {layer: pattern.argmax(-1) for layer, pattern in clean_patterns.items()}
         timings["clean_s"] += time.perf_counter() - tick
         scored = _Scored.of(batch)
-        logp_model = _scored_logp(scored, clean)
-        ref = _Reference(logp_model, predict(scored.take(clean), answer_ids))
+        ref = _Reference.of(scored, clean, answer_ids)
         tables[MODEL].add(scored, MODEL_TERMS, _model_terms(ref, scored))
         tick = time.perf_counter()
         for hooks, baseline in own_baselines.items():
             ablated = runner.run(batch.tokens, resid, start_layer(list(hooks)), baseline.fwd_hooks())
             tables[("ablated", hooks)].add(scored, BASELINE_TERMS,
-                                           _cross_entropy(_scored_logp(scored, ablated), scored.targets)[None])
+                                           _cross_entropy(F.log_softmax(scored.take(ablated).float(), dim=-1),
+                                                          scored.targets)[None])
         timings["ablations_s"] += time.perf_counter() - tick
         tick = time.perf_counter()
         for names in groups.values():
