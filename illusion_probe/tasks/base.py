@@ -192,11 +192,17 @@ class SplitSet(Mapping[str, Split]):
 class Task(ABC):
     """A sequence task: vocabulary, model sizes, scored positions and split generation.
 
-    Subclasses set ``kind`` (the name used in checkpoints) and ``config`` (a frozen dataclass).
+    Subclasses set ``kind`` (the name used in checkpoints), ``config_class`` (a frozen dataclass)
+    and ``config`` (an instance of it), and take the config as their one constructor argument.
     """
 
     kind: ClassVar[str]
+    config_class: ClassVar[type]
     config: Any
+    pad_id: ClassVar[int]
+    """Padding token id."""
+    bos_id: ClassVar[int]
+    """Id of the token every sequence starts with."""
 
     @property
     @abstractmethod
@@ -212,11 +218,6 @@ class Task(ABC):
     @abstractmethod
     def answer_ids(self) -> Int[Tensor, " n_answers"]:
         """Token ids among which a prediction is scored (argmax is taken over these)."""
-
-    @property
-    @abstractmethod
-    def pad_id(self) -> int:
-        """Padding token id."""
 
     @abstractmethod
     def encode(self, text: str) -> Int[Tensor, " pos"]:
@@ -240,6 +241,8 @@ class Task(ABC):
         return {"kind": self.kind, "config": dataclasses.asdict(self.config)}
 
     @classmethod
-    @abstractmethod
     def from_config_dict(cls, config: dict[str, Any]) -> Task:
-        """Rebuild the task from the ``config`` part of :meth:`to_dict`."""
+        """Rebuild the task from the ``config`` part of :meth:`to_dict`; unknown fields are refused."""
+        unknown = set(config) - {f.name for f in dataclasses.fields(cls.config_class)}
+        require(not unknown, f"{cls.config_class.__name__}: unknown field(s) {sorted(unknown)}")
+        return cls(cls.config_class(**config))  # type: ignore[call-arg]

@@ -187,6 +187,9 @@ class CodeTask(Task):
     """Character-level next-token prediction on windows of Python files, with new-language OOD splits."""
 
     kind: ClassVar[str] = "code"
+    config_class: ClassVar[type] = CodeConfig
+    pad_id: ClassVar[int] = PAD_ID
+    bos_id: ClassVar[int] = BOS_ID
 
     def __init__(self, config: CodeConfig | None = None):
         self.config = config or CodeConfig()
@@ -215,15 +218,6 @@ class CodeTask(Task):
     def answer_ids(self) -> Int[Tensor, " d_vocab"]:
         """The whole vocabulary."""
         return torch.arange(self.d_vocab)
-
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def bos_id(self) -> int:
-        """Id of the ``<BOS>`` token every sequence starts with."""
-        return BOS_ID
 
     @property
     def unk_id(self) -> int:
@@ -266,12 +260,6 @@ class CodeTask(Task):
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, so a rebuilt task has this vocabulary on any machine."""
         return {"kind": self.kind, "config": dataclasses.asdict(self.resolved_config())}
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> CodeTask:
-        unknown = set(config) - {f.name for f in dataclasses.fields(CodeConfig)}
-        require(not unknown, f"CodeConfig: unknown field(s) {sorted(unknown)}")
-        return cls(CodeConfig(**config))
 
     def make_splits(self, seed: int = 0) -> SplitSet:
         """``train``, ``test`` and one ``ood_<language>`` per other source; see the module docstring.

@@ -17,10 +17,9 @@ Neither OOD length nor depth split contains a held-out skeleton, so each shifts 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -147,6 +146,9 @@ class DyckTask(Task):
     """Dyck-(k, m) bracket sequences with unseen-structure, longer and deeper OOD splits."""
 
     kind: ClassVar[str] = "dyck"
+    config_class: ClassVar[type] = DyckConfig
+    pad_id: ClassVar[int] = PAD_ID
+    bos_id: ClassVar[int] = BOS_ID
 
     def __init__(self, config: DyckConfig | None = None):
         self.config = config or DyckConfig()
@@ -170,15 +172,6 @@ class DyckTask(Task):
         """The closing-bracket ids."""
         return torch.arange(FIRST_OPEN_ID + self.config.k, FIRST_OPEN_ID + 2 * self.config.k)
 
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def bos_id(self) -> int:
-        """Id of the BOS token every sequence starts with."""
-        return BOS_ID
-
     def encode(self, text: str) -> Int[Tensor, " pos"]:
         """Ids of space-separated tokens, e.g. ``"BOS (0 (1 )1 )0"``."""
         try:
@@ -195,12 +188,6 @@ class DyckTask(Task):
     def is_held_out(self, skeleton: str) -> bool:
         """Whether a top-level block skeleton such as ``"(()())"`` is held out of training."""
         return self.config.holdout.is_held_out(skeleton)
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> DyckTask:
-        unknown = set(config) - {f.name for f in dataclasses.fields(DyckConfig)}
-        require(not unknown, f"DyckConfig: unknown field(s) {sorted(unknown)}")
-        return cls(DyckConfig(**config))
 
     def make_splits(self, seed: int = 0) -> SplitSet:
         """``train``, ``test``, ``ood_unseen_structure``, ``ood_longer``, ``ood_deeper``; see the module docstring.
