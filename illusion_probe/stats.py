@@ -58,16 +58,19 @@ class Resampled:
         Many entries repeat (counts, the model's own terms, sums of a hook's clean input shared
         by every proxy on it): each distinct entry, found by its bytes, is resampled once.
         """
-        fingerprint = {key: np.ascontiguousarray(v).tobytes() + repr(v.shape).encode() for key, v in sums.items()}
-        first: dict[bytes, str] = {}
-        for key, print_ in fingerprint.items():
-            first.setdefault(print_, key)
-        columns = [sums[k].reshape(len(sums[k]), -1) for k in first.values()]
+        columns: list[np.ndarray] = []
+        span: dict[str, tuple[int, int]] = {}  # entry -> its columns in the stacked matrix
+        seen: dict[bytes, tuple[int, int]] = {}  # an entry's bytes -> the columns of its first copy
+        width = 0
+        for key, values in sums.items():
+            fingerprint = np.ascontiguousarray(values).tobytes() + repr(values.shape).encode()
+            if fingerprint not in seen:
+                columns.append(values.reshape(len(values), -1))
+                seen[fingerprint] = (width, width + columns[-1].shape[1])
+                width += columns[-1].shape[1]
+            span[key] = seen[fingerprint]
         stacked = np.concatenate(columns, axis=1) if columns else np.zeros((weights.shape[1], 0))
         totals, resampled = stacked.sum(axis=0), weights @ stacked
-        edges = np.cumsum([0] + [c.shape[1] for c in columns])
-        where = dict(zip(first, zip(edges[:-1], edges[1:], strict=True), strict=True))  # fingerprint -> columns
-        span = {key: where[print_] for key, print_ in fingerprint.items()}
         return cls({k: totals[a:b].reshape(sums[k].shape[1:]) for k, (a, b) in span.items()},
                    {k: resampled[:, a:b].reshape(-1, *sums[k].shape[1:]) for k, (a, b) in span.items()})
 
