@@ -184,3 +184,5 @@ def test_same_edit_compares_methods_options_and_fitted_tensors(native_bridge, ra
     pooled = ip.fit_proxy(native_bridge, {k: ip.MeanAblation(per_head=False), q: ip.MeanAblation()}, random_train_split)
     for other in (fewer, zero, one_hook, pooled):
         assert not mean.same_edit(other)
+    with pytest.raises(ip.IllusionProbeError, match="compares two proxies"):
+        mean.same_edit(ip.MeanAblation())

@@ -97,6 +97,7 @@ class Proxy:
     def same_edit(self, other: Proxy) -> bool:
         """Whether ``other`` edits the model identically: the same hooks (in any order), each with a
         simplifier of the same method and options and equal fitted tensors."""
+        require(isinstance(other, Proxy), f"same_edit compares two proxies, got a {type(other).__name__}")
         if set(self._simplifiers) != set(other._simplifiers):
             return False
         for hook, mine in self._simplifiers.items():
