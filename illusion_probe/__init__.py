@@ -2,13 +2,13 @@
 
 Public API re-exports only. Names load lazily on first access, so
 ``import illusion_probe`` imports neither torch nor TransformerLens nor plotly,
-and has no side effects.
+and has no side effects. Type checkers and editors see the real imports below.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,10 @@ _EXPORTS: dict[str, str] = {
     # errors
     "IllusionProbeError": "illusion_probe.errors",
     "ArtifactError": "illusion_probe.errors",
+    # registries
+    "register_simplifier": "illusion_probe.registry",
+    "register_task": "illusion_probe.registry",
+    "register_metric": "illusion_probe.registry",
     # tasks
     "Split": "illusion_probe.tasks.base",
     "SplitSet": "illusion_probe.tasks.base",
@@ -36,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     "load_checkpoint": "illusion_probe.checkpoint",
     # simplifiers and proxies
     "Simplifier": "illusion_probe.simplify.base",
+    "FittedSimplifier": "illusion_probe.simplify.base",
+    "Reservoir": "illusion_probe.simplify.reservoir",
     "PCA": "illusion_probe.simplify.pca",
     "SVD": "illusion_probe.simplify.pca",
     "KMeans": "illusion_probe.simplify.kmeans",
@@ -46,16 +52,30 @@ _EXPORTS: dict[str, str] = {
     "Proxy": "illusion_probe.simplify.proxy",
     "fit_proxy": "illusion_probe.simplify.proxy",
     # evaluation and report
+    "Metric": "illusion_probe.metrics",
+    "HookMetric": "illusion_probe.metrics",
+    "Scored": "illusion_probe.metrics",
     "evaluate": "illusion_probe.evaluation",
     "sweep": "illusion_probe.sweeps",
     "Results": "illusion_probe.results",
     "write_report": "illusion_probe.report.html",
+    # the study
+    "StudyConfig": "illusion_probe.study",
+    "load_study": "illusion_probe.study",
+    "reproduce": "illusion_probe.pipeline",
 }
+
+#: Submodules reachable as attributes (``ip.models``, ``ip.metrics``, ...).
+_SUBMODULES = ("analysis", "backends", "checkpoint", "cli", "config", "errors", "evaluation", "hook_names", "metrics",
+               "models", "pipeline", "registry", "report", "results", "simplify", "stats", "study", "sweeps", "tasks",
+               "training")
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"illusion_probe.{name}")
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'illusion_probe' has no attribute {name!r}")
@@ -65,5 +85,31 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return sorted([*__all__, *_SUBMODULES])
 
+
+if TYPE_CHECKING:
+    from illusion_probe.checkpoint import load_checkpoint, save_checkpoint
+    from illusion_probe.errors import ArtifactError, IllusionProbeError
+    from illusion_probe.evaluation import evaluate
+    from illusion_probe.hook_names import resolve_hook_name
+    from illusion_probe.metrics import HookMetric, Metric, Scored
+    from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
+    from illusion_probe.pipeline import reproduce
+    from illusion_probe.registry import register_metric, register_simplifier, register_task
+    from illusion_probe.report.html import write_report
+    from illusion_probe.results import Results
+    from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
+    from illusion_probe.simplify.attention import OneHotAttention
+    from illusion_probe.simplify.base import FittedSimplifier, Simplifier
+    from illusion_probe.simplify.collect import collect_activations
+    from illusion_probe.simplify.kmeans import KMeans
+    from illusion_probe.simplify.pca import PCA, SVD
+    from illusion_probe.simplify.proxy import Proxy, fit_proxy
+    from illusion_probe.simplify.reservoir import Reservoir
+    from illusion_probe.study import StudyConfig, load_study
+    from illusion_probe.sweeps import sweep
+    from illusion_probe.tasks.base import Split, SplitSet, Task
+    from illusion_probe.tasks.code import CodeConfig, CodeTask
+    from illusion_probe.tasks.dyck import DyckConfig, DyckTask
+    from illusion_probe.training import TrainConfig, train

@@ -29,7 +29,8 @@ from illusion_probe.artifacts import (
     write_tensors,
 )
 from illusion_probe.errors import ArtifactError, IllusionProbeError
-from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model, model_backend
+from illusion_probe.backends import Backend
+from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
 from illusion_probe.provenance import provenance
 from illusion_probe.tasks import Task, task_from_dict
 
@@ -60,7 +61,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "model_config": cfg.to_dict(),
         "sizes": {"d_vocab": int(model.cfg.d_vocab), "n_ctx": int(model.cfg.n_ctx)},
-        "backend": model_backend(model),
+        "backend": Backend.of(model).kind,
         "task": task.to_dict() if task is not None else None,
         "extra": extra or {},
         **provenance(),

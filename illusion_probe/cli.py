@@ -11,7 +11,6 @@ from pathlib import Path
 from illusion_probe.errors import IllusionProbeError, require
 
 Command = Callable[[argparse.Namespace], int]
-TASKS = ("dyck", "code")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -24,9 +23,10 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runs(args: argparse.Namespace):
-    """``(prepared run, seed)`` for every requested seed; each seed gets ``OUT/seed_N`` when there are several."""
-    from illusion_probe.pipeline import load_preset, prepare
+def _runs(args: argparse.Namespace) -> list:
+    """A prepared run for every requested seed; each seed gets ``OUT/seed_N`` when there are several."""
+    from illusion_probe.pipeline import prepare
+    from illusion_probe.study import load_study
 
     require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
     if args.threads is not None:
@@ -34,9 +34,9 @@ def _runs(args: argparse.Namespace):
 
         require(args.threads >= 1, f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    run = load_preset(args.task, args.preset)
+    study = load_study(args.task, args.preset, args.config, args.set)
     out = Path(args.out)
-    return [prepare(run, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed)
+    return [prepare(study, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed)
             for seed in range(args.seeds)]
 
 
@@ -44,66 +44,72 @@ def _fmt(value: float | None) -> str:
     return "   –  " if value is None or not math.isfinite(value) else f"{value:6.4f}"
 
 
-def print_summary(results, out: Path) -> None:
+def print_summary(results, files: Sequence[Path]) -> None:
     """The headline table: per swept family, the smallest size at 99% test agreement and its OOD agreement."""
-    ood = [s for s in results.splits if results.select(split=s, role="ood")]
+    ood = results.splits_with_role("ood")
     width = max(len(s) for s in ["test", *ood])
     header = f"{'proxy (agreement with the model)':<48} " + " ".join(f"{s:>{width}}" for s in ["test", *ood])
     print(header)
     print("-" * len(header))
-    headline = results.headline()
-    rows = [(row["proxy"] + ("" if row["reached"] else " (<99%)"), row["proxy"]) for row in headline]
+    rows = [(row["proxy"] + ("" if row["reached"] else " (<99%)"), row["proxy"]) for row in results.headline()]
     rows += [(p, p) for p in dict.fromkeys(r.proxy for r in results.records if r.size is None)]
+
+    def cell(split: str, proxy: str, metric: str) -> str:
+        found = results.select(split=split, proxy=proxy, metric=metric, category="all")
+        return _fmt(found[0].value if found else None)
+
     for label, proxy in rows:
-        values = [results.value(s, proxy, "agreement") for s in ["test", *ood]]
-        print(f"{label[:48]:<48} " + " ".join(f"{_fmt(v):>{width}}" for v in values))
+        print(f"{label[:48]:<48} " + " ".join(f"{cell(s, proxy, 'agreement'):>{width}}" for s in ["test", *ood]))
     if rows:
-        accuracy = [results.value(s, rows[0][1], "acc_model") for s in ["test", *ood]]
-        print(f"{'model accuracy':<48} " + " ".join(f"{_fmt(v):>{width}}" for v in accuracy))
-    print(f"headline: smallest size per family reaching 99% test agreement; report: {out / 'report.html'}")
+        print(f"{'model accuracy':<48} " + " ".join(f"{cell(s, rows[0][1], 'acc_model'):>{width}}" for s in ["test", *ood]))
+    print("headline: smallest size per family reaching 99% test agreement")
+    print("wrote: " + ", ".join(str(f) for f in files))
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from illusion_probe.pipeline import probe, trained_model
+    from illusion_probe.pipeline import analyse_stage, evaluate_stage, fit_stage, train_stage, write_stage
 
-    for prep in _runs(args):
-        model, info = trained_model(prep)
-        print_summary(probe(prep, model, info), prep.out)
+    for run in _runs(args):
+        model, info = train_stage(run, allow_training=args.command != "evaluate")
+        proxies = fit_stage(run, model)
+        results = evaluate_stage(run, model, proxies, info)
+        files = write_stage(run, results, analyse_stage(run, model))
+        print_summary(results, files)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from illusion_probe.pipeline import trained_model
+    from illusion_probe.pipeline import train_stage
 
-    for prep in _runs(args):
-        _, info = trained_model(prep)
-        print(f"checkpoint: {prep.out / 'checkpoint'} (trained in {info.get('train_seconds', 0)} s)")
-    return 0
-
-
-def _probe(args: argparse.Namespace) -> int:
-    from illusion_probe.pipeline import probe, trained_model
-
-    for prep in _runs(args):
-        model, info = trained_model(prep, allow_training=False)
-        print_summary(probe(prep, model, info), prep.out)
+    for run in _runs(args):
+        _, info = train_stage(run)
+        print(f"wrote: {run.out / 'checkpoint'} (trained in {info.get('train_seconds', 0)} s)")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    from illusion_probe.analysis.projection import Projection
     from illusion_probe.report.html import write_report
     from illusion_probe.results import Results
 
     results = Results.from_json(args.results)
+    beside = Path(args.results).with_name("projection.json")
+    projection = Projection.from_json(beside) if beside.is_file() else None
     out = Path(args.out) if args.out else Path(args.results).with_name("report.html")
-    write_report(results, out)
-    print(f"report: {out}")
+    require(not out.is_dir(), f"--out {out} is a directory; give the path of the HTML file to write")
+    write_report(results, out, projection=projection)
+    print(f"wrote: {out}")
     return 0
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", choices=TASKS, help="which study to run")
-    parser.add_argument("--preset", default="quick", help="named preset: quick (CPU minutes), paper, tiny (smoke test)")
+def _add_run_options(parser: argparse.ArgumentParser, tasks: list[str]) -> None:
+    parser.add_argument("task", choices=tasks, help="which study to run")
+    parser.add_argument("--preset", default="quick", help="shipped preset: tiny (smoke test), quick (CPU minutes), paper")
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="a TOML file whose tables ([task], [model], [train], [proxies], [evaluation], "
+                             "[projection]) replace the preset's settings")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set train.lr=1e-3 (repeatable; applied last)")
     parser.add_argument("--out", default="runs/latest", help="run directory (finished stages in it are reused)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1, each in OUT/seed_N")
@@ -112,22 +118,26 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, one sub-parser per command."""
+    """The argument parser, one sub-parser per command; task choices come from the task registry."""
+    from illusion_probe.registry import TASKS
+
+    tasks = TASKS.names()
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="illusion-probe",
+        prog="illusion-probe", formatter_class=formatter,
         description="Measure how faithful simplified proxies of a transformer stay off the training distribution.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, run, text in [
-        ("reproduce", _reproduce, "train, fit proxies, evaluate every split and write the report"),
-        ("train", _train, "train (or reuse) the model only"),
-        ("probe", _probe, "fit proxies and evaluate a model trained by `train`"),
+    for name, run, text, aliases in [
+        ("reproduce", _reproduce, "train, fit proxies, evaluate every split and write the report", []),
+        ("train", _train, "train (or reuse) the model only", []),
+        ("evaluate", _reproduce, "fit proxies and evaluate a model that `train` trained", ["probe"]),
     ]:
-        sub = commands.add_parser(name, help=text, description=text)
-        _add_run_options(sub)
-        sub.set_defaults(run=run)
-    report = commands.add_parser("report", help="rebuild report.html from a results.json")
-    report.add_argument("results", help="path to results.json")
+        sub = commands.add_parser(name, help=text, description=text, aliases=aliases, formatter_class=formatter)
+        _add_run_options(sub, tasks)
+        sub.set_defaults(run=run, command=name)
+    report = commands.add_parser("report", help="rebuild report.html from a results.json", formatter_class=formatter)
+    report.add_argument("results", help="path to results.json (a projection.json beside it is included)")
     report.add_argument("--out", default=None, help="where to write the HTML (default: beside results.json)")
     report.set_defaults(run=_report)
     info = commands.add_parser("info", help="print package, TransformerLens and torch versions and usable backends")

@@ -1,221 +1,127 @@
 """Faithfulness of simplified proxies to the original model, split by split.
 
-Sequences are batched longest first (little padding). For each batch the clean
-model runs once; its logits, the residual stream entering the earliest hooked
-layer, and the attention patterns that ``attn_agreement`` needs are kept. Each
-proxy then reruns only the layers from its first hooked block on
-(:class:`~illusion_probe.passes.Runner`; a full pass where no way to resume is
-verified). Per-sequence sums of every metric feed one sequence-level bootstrap
-per split (:mod:`illusion_probe.stats`).
+For each batch of sequences (longest first, so little padding is run):
+
+1. the clean model runs once and keeps its residual stream after the last block at the scored
+   positions, the residual entering each layer a proxy resumes at, and the clean activations a
+   hook metric compares with;
+2. each ablation baseline (for ``ce_score``) and each proxy runs once, resuming at its first hooked
+   block where the backend allows it, and keeps its own final residual at the scored positions;
+   hook metrics are summed as the activations stream past;
+3. the scored positions are taken in chunks: the logits of each chunk (model, baselines, proxies)
+   come from the final residual through the model's head, and every position metric sums its
+   terms per sequence and position category. Full-vocabulary log-probabilities never exist for
+   more than one chunk.
+
+Per-sequence sums then feed one sequence-level bootstrap per split (:mod:`illusion_probe.stats`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from illusion_probe import stats
+from illusion_probe.backends import Backend
 from illusion_probe.errors import IllusionProbeError, require
-from illusion_probe.hook_names import is_attention_pattern, is_per_head, layer_of
-from illusion_probe.memory import HeapTrimmer
-from illusion_probe.models import model_backend
-from illusion_probe.passes import Recorder, Runner, run_group, start_layer
+from illusion_probe.hook_names import first_layer, is_after_blocks, is_attention_pattern, resid_pre
+from illusion_probe.metrics import AnyMetric, HookMetric, Metric, Predictions, Scored, resolve_metrics
 from illusion_probe.provenance import provenance
-from illusion_probe.results import Gap, Record, Results
+from illusion_probe.results import Gap, MetricInfo, Record, Results
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
-from illusion_probe.simplify.proxy import Proxy, fit_proxy
-from illusion_probe.tasks.base import Split, SplitSet, Task
-from illusion_probe.training import predict
+from illusion_probe.simplify.proxy import Proxy, fit_proxy_with
+from illusion_probe.tasks.base import Split, SplitSet, Task, check_tokens
 
 ABLATIONS = ("mean", "zero")
-POSITION_METRICS = ("acc_model", "acc_proxy", "agreement", "kl")
-
-
-@dataclass
-class _Sums:
-    """Per-sequence sums of one table (a proxy, the model, or an ablation baseline) on one split:
-    lists of per-batch arrays, concatenated at the end."""
-
-    by_category: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
-    by_hook: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
-
-    def add(self, scored: _Scored, names: tuple[str, ...], terms: Tensor) -> None:
-        """Add one batch of position terms ``[term, n]`` (named ``names``), summed per sequence and category."""
-        per_sequence = scored.per_sequence(terms)
-        for c, category in enumerate(scored.names):
-            for t, name in enumerate(names):
-                self.by_category[category][name].append(per_sequence[c, t])
-
-    @staticmethod
-    def _concat(table: dict[str, dict[str, list[np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
-        return {key: {name: np.concatenate(parts) for name, parts in inner.items()} for key, inner in table.items()}
-
-    def categories(self) -> dict[str, dict[str, np.ndarray]]:
-        return self._concat(self.by_category)
-
-    def hooks(self) -> dict[str, dict[str, np.ndarray]]:
-        return self._concat(self.by_hook)
-
-
-def _to_numpy(x: Tensor) -> np.ndarray:
-    return x.detach().to("cpu", torch.float64).numpy()
+#: Bytes one chunk of full-vocabulary float32 logits may take (the default chunk size follows from it).
+CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
-class _Scored:
-    """The scored positions of one batch, flattened: metrics are computed on these ``n`` alone.
+class ScoredPositions:
+    """The scored positions of one batch, flattened.
 
     Attributes:
         index: ``[n]`` flat indices (``seq * pos + p``) of the positions ``eval_mask`` scores.
         sequence: ``[n]`` which sequence of the batch each belongs to.
-        targets: ``[n]`` their target tokens.
-        names: position categories: ``all`` plus every boolean label of the split.
-        masks: ``[category, n]`` float64, which scored positions each category keeps.
+        targets: ``[n]`` their target ids.
+        categories: position categories: ``all`` plus every boolean label of the split.
+        masks: ``[category, n]`` float64, which positions each category keeps.
         n_sequences: sequences in the batch.
     """
 
     index: Tensor
     sequence: Tensor
     targets: Tensor
-    names: list[str]
+    categories: list[str]
     masks: Tensor
     n_sequences: int
 
     @classmethod
-    def of(cls, split: Split) -> _Scored:
-        n_seq, n_pos = split.eval_mask.shape
-        index = split.eval_mask.reshape(-1).nonzero().squeeze(1)
-        categories = {"all": split.eval_mask}
-        for name, label in split.labels.items():
-            if label.dtype == torch.bool:
-                categories[name] = split.eval_mask & label
-        full = torch.stack(list(categories.values())).reshape(len(categories), -1)
-        return cls(index, index // n_pos, split.targets.reshape(-1)[index], list(categories), full[:, index].double(),
-                   n_seq)
+    def of(cls, batch: Split) -> ScoredPositions:
+        n_pos = batch.eval_mask.shape[1]
+        index = batch.eval_mask.reshape(-1).nonzero().squeeze(1)
+        categories = {"all": batch.eval_mask}
+        categories.update({name: batch.eval_mask & label for name, label in batch.labels.items()
+                           if label.dtype == torch.bool})
+        masks = torch.stack(list(categories.values())).reshape(len(categories), -1)[:, index].double()
+        return cls(index, index // n_pos, batch.targets.reshape(-1)[index], list(categories), masks, len(batch))
 
-    def take(self, logits: Tensor) -> Tensor:
-        """``[batch, pos, d_vocab] -> [n, d_vocab]``: the logits at the scored positions."""
-        return logits.reshape(-1, logits.shape[-1]).index_select(0, self.index)
+    def rows(self, x: Tensor) -> Tensor:
+        """``[batch, pos, ...] -> [n, ...]``: the rows at the scored positions."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
 
-    def per_sequence(self, terms: Tensor) -> np.ndarray:
-        """``[term, n] -> [category, term, batch]``: each term summed per sequence within each category."""
-        out = torch.zeros(len(self.names), len(terms), self.n_sequences, dtype=torch.float64, device=terms.device)
-        return _to_numpy(out.index_add_(2, self.sequence, self.masks[:, None, :] * terms.double()[None]))
+    def chunks(self, size: int) -> Iterator[slice]:
+        for start in range(0, len(self.index), size):
+            yield slice(start, start + size)
 
-
-def _proxy_method(proxy: Proxy) -> tuple[str, int | None]:
-    methods = {s.method for s in proxy.simplifiers.values()}
-    sizes = {s.size for s in proxy.simplifiers.values()}
-    return (methods.pop() if len(methods) == 1 else "mixed"), (sizes.pop() if len(sizes) == 1 else None)
+    def per_sequence(self, terms: Tensor, chunk: slice) -> Tensor:
+        """``[term, m] -> [category, term, batch]``: a chunk's terms summed per sequence and category."""
+        out = torch.zeros(len(self.categories), len(terms), self.n_sequences, dtype=torch.float64,
+                          device=terms.device)
+        return out.index_add_(2, self.sequence[chunk], self.masks[:, None, chunk] * terms.double()[None])
 
 
-def _attention_layers(hooks: list[str]) -> list[int]:
-    """Layers whose attention pattern a proxy changes directly (q, k or pattern hooks)."""
-    layers = set()
-    for hook in hooks:
-        if is_attention_pattern(hook) or (is_per_head(hook) and any(t in hook for t in ("hook_q", "hook_k", ".q.", ".k."))):
-            layers.add(layer_of(hook))
-    return sorted(layer for layer in layers if layer is not None)
+class _Sums:
+    """Per-sequence sums of one split, keyed ``(proxy, category or hook, metric, term)``: per-batch parts."""
+
+    def __init__(self) -> None:
+        self.parts: dict[tuple[str, str, str, str], list[np.ndarray]] = defaultdict(list)
+
+    def add(self, key: tuple[str, str, str, str], values: Tensor) -> None:
+        self.parts[key].append(values.detach().to("cpu", torch.float64).numpy())
+
+    def concatenated(self) -> dict[Hashable, np.ndarray]:
+        return {key: np.concatenate(parts) for key, parts in self.parts.items()}
 
 
 @dataclass(frozen=True)
-class _Reference:
-    """The clean model's log-probabilities and predictions at the scored positions of a batch
-    (``[n, d_vocab]`` and ``[n]`` as in :class:`_Scored`), which every proxy is compared with."""
+class _Plan:
+    """What one evaluation runs: metrics, baselines, where each pass resumes, what it watches."""
 
-    logp_model: Tensor
-    pred_model: Tensor
+    position_metrics: list[Metric]
+    hook_metrics: list[HookMetric]
+    proxies: Mapping[str, Proxy]
+    baselines: dict[frozenset[str], Proxy]
+    baseline_twin: dict[frozenset[str], str | None]  # a proxy making the very same edit serves as the baseline
+    watched: dict[str, dict[str, list[str]]]  # proxy -> hook metric -> hooks
+    resume: dict[str, int | None]  # proxy -> the block its pass starts at (None: a whole pass)
+    baseline_resume: dict[frozenset[str], int | None]
+    answer_ids: Tensor
 
-    @classmethod
-    def of(cls, scored: _Scored, clean: Tensor, answer_ids: Tensor) -> _Reference:
-        logits = scored.take(clean)
-        return cls(F.log_softmax(logits.float(), dim=-1), predict(logits, answer_ids))
-
-
-def _cross_entropy(logp: Tensor, targets: Tensor) -> Tensor:
-    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-#: Per-sequence sums of each table: the model's own (``count`` is the number of scored positions),
-#: each proxy's, and each ablation baseline's (a baseline's ``ce_ablated`` is read from a proxy's
-#: ``ce_proxy`` where a proxy makes the very same edit, see :meth:`Proxy.same_edit`).
-MODEL_TERMS = ("count", "acc_model", "ce_model")
-PROXY_TERMS = ("acc_proxy", "agreement", "kl", "ce_proxy")
-BASELINE_TERMS = ("ce_ablated",)
-MODEL = ("model",)  # key of the model's table; proxies' tables are keyed by their (string) names
-
-
-def _model_terms(ref: _Reference, scored: _Scored) -> Tensor:
-    """``[term, n]``: each of :data:`MODEL_TERMS` at the scored positions."""
-    return torch.stack([torch.ones_like(ref.logp_model[:, 0]), (ref.pred_model == scored.targets).float(),
-                        _cross_entropy(ref.logp_model, scored.targets)])
-
-
-def _proxy_terms(ref: _Reference, scored: _Scored, proxied: Tensor, answer_ids: Tensor) -> Tensor:
-    """``[term, n]``: each of :data:`PROXY_TERMS` of one proxy's logits at the scored positions."""
-    logits = scored.take(proxied)
-    logp_proxy = F.log_softmax(logits.float(), dim=-1)
-    pred_proxy = predict(logits, answer_ids)
-    return torch.stack([
-        (pred_proxy == scored.targets).float(),
-        (pred_proxy == ref.pred_model).float(),
-        (ref.logp_model.exp() * (ref.logp_model - logp_proxy)).sum(-1),
-        _cross_entropy(logp_proxy, scored.targets),
-    ])
-
-
-def _ev_terms(act: Tensor, out: Tensor, real: Tensor) -> dict[str, np.ndarray]:
-    """Per-sequence sums of ||x - x_hat||^2, ||x||^2, x and the token count over real positions.
-
-    Sums within one sequence run in float32 (or the activations' dtype if wider); the sums
-    across sequences that the metric needs are taken in float64 afterwards.
-    """
-    dtype = torch.promote_types(act.dtype, torch.float32)
-    x, x_hat, mask = act.to(dtype), out.to(dtype), real.to(dtype)
-    features = tuple(range(2, x.ndim))  # no flatten: a per-head hook's activations need not be contiguous
-    return {
-        "err": _to_numpy(((x - x_hat).square().sum(features) * mask).sum(1)),
-        "sq": _to_numpy((x.square().sum(features) * mask).sum(1)),
-        "total": _to_numpy(torch.einsum("bp,bp...->b...", mask, x).reshape(len(x), -1)),
-        "count": _to_numpy(real.sum(dim=1)),
-    }
-
-
-def _attn_terms(clean_argmax: Tensor, proxied: Tensor, real: Tensor) -> dict[str, np.ndarray]:
-    """Per-sequence sums of argmax agreement of attention rows at real queries.
-
-    ``clean_argmax`` is ``[batch, head, query]`` (computed once per batch), ``proxied`` the proxy's
-    pattern ``[batch, head, query, key]``.
-    """
-    same = (clean_argmax == proxied.argmax(-1)) & real[:, None, :]
-    return {"num": _to_numpy(same.sum(dim=(1, 2))), "den": _to_numpy(real.sum(dim=1) * clean_argmax.shape[1])}
-
-
-def _ablation_proxies(
-    model: torch.nn.Module, proxies: Mapping[str, Proxy], splits: SplitSet, ablation: str, n_sequences: int
-) -> dict[frozenset[str], Proxy]:
-    """One ablation proxy per distinct hook set: mean (fit on train) or zero; patterns are zero-ablated."""
-    out: dict[frozenset[str], Proxy] = {}
-    train = splits.by_role("train")
-    for proxy in proxies.values():
-        hooks = frozenset(proxy.hook_names)
-        if hooks in out:
-            continue
-        simplifiers = {
-            h: ZeroAblation() if ablation == "zero" or is_attention_pattern(h) or not train else MeanAblation()
-            for h in sorted(hooks)
-        }
-        split = train[0] if train else next(iter(splits.values()))
-        out[hooks] = fit_proxy(model, simplifiers, split, n_sequences=n_sequences, allow_non_train=not train)
-    return out
+    def clean_watched(self) -> set[tuple[str, str]]:
+        """``(metric, hook)`` pairs whose clean activation some proxy compares with."""
+        return {(m.name, hook) for m in self.hook_metrics if m.reference == "clean"
+                for per_metric in self.watched.values() for hook in per_metric.get(m.name, [])}
 
 
 def evaluate(
@@ -224,217 +130,337 @@ def evaluate(
     splits: SplitSet | Mapping[str, Split],
     task: Task | None = None,
     *,
+    metrics: Sequence[str | AnyMetric] | None = None,
+    answer_ids: Int[Tensor, " answers"] | Sequence[int] | None = None,
     batch_size: int = 128,
+    chunk_size: int | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     ablation: str = "mean",
     ablation_sequences: int = 1000,
-    reuse_prefix: bool = True,
-    proxy_batch: int = 1,
     progress: bool = True,
 ) -> Results:
     """Score every proxy against the model on every split.
 
     Args:
-        model: a hooked model ``[batch, pos] -> [batch, pos, d_vocab]``.
+        model: a hooked model ``[batch, pos] -> [batch, pos, d_vocab_out]``.
         proxies: name -> fitted :class:`Proxy`.
         splits: split name -> :class:`Split` (a :class:`SplitSet` from a task, or user splits).
-        task: gives ``answer_ids`` (argmax is taken over them); ``None`` scores over the full vocabulary.
+        task: gives ``answer_ids`` (the argmax is taken over them).
+        metrics: metric names or objects; ``None`` computes every registered metric.
+        answer_ids: output ids a prediction is chosen among when there is no task; ``None`` means the
+            model's whole output vocabulary (``d_vocab_out``).
         batch_size: sequences per forward pass.
+        chunk_size: scored positions whose logits are held at once; ``None`` keeps one chunk of
+            full-vocabulary float32 logits near 64 MiB.
         n_boot: bootstrap resamples of sequences for the 95% intervals (0 disables them).
-        seed: seed of the bootstrap resamples.
+        seed: seed of the bootstrap resamples (split ``i`` uses ``seed + i``).
         ablation: ``"mean"`` (fit on the train split) or ``"zero"``: the baseline of ``ce_score``.
         ablation_sequences: train sequences the mean ablation is fit on.
-        reuse_prefix: rerun each proxy only from its first hooked layer, starting from the clean
-            residual stream cached there: ``start_at_layer`` on HookedTransformer, the blocks called
-            directly on TransformerBridge. Checked once per layer against the clean logits (and that
-            the earlier blocks really did not run); a full pass wherever that check fails. The way
-            used per layer is in ``results.meta["evaluation"]["prefix_reuse"]``.
-        proxy_batch: run up to this many proxies that edit the same hooks together in one forward
-            pass, each on its own copy of the batch. Saves per-call overhead (small models on an
-            accelerator); on CPU it measured slower (benchmarks/bench_evaluate.py), hence 1.
         progress: show a progress bar.
 
     Returns:
-        :class:`Results` with ``acc_model``, ``acc_proxy``, ``acc_delta`` (proxy minus model accuracy,
-        bootstrapped paired), ``agreement``, ``kl``, ``ce_score``,
-        ``explained_variance`` (per hook) and ``attn_agreement`` (when keys, queries or patterns
-        are simplified), per split, proxy and position category, plus ID-vs-OOD gaps.
+        :class:`Results`: every metric per split, proxy and position category (hook metrics per
+        hook), and ID-vs-OOD gaps.
     """
-    splits = splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
-    require(len(proxies) > 0, "evaluate needs at least one proxy; fit one with ip.fit_proxy")
-    require(ablation in ABLATIONS, f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
-    require(batch_size > 0 and proxy_batch > 0 and n_boot >= 0,
-            "batch_size and proxy_batch must be positive and n_boot non-negative")
-    for name, proxy in proxies.items():
-        if not isinstance(proxy, Proxy):
-            raise IllusionProbeError(f"proxy {name!r} is a {type(proxy).__name__}, not an ip.Proxy; build it with ip.fit_proxy")
-        proxy.check_compatible(model)
-    n_ctx = int(model.cfg.n_ctx)
-    for split in splits.values():
-        require(split.tokens.shape[1] <= n_ctx,
-                f"split {split.name!r} has sequences of {split.tokens.shape[1]} tokens but the model's n_ctx is {n_ctx}")
-    device = next(model.parameters()).device
-    answer_ids = (task.answer_ids if task is not None else torch.arange(model.cfg.d_vocab)).to(device)
-    ablations = _ablation_proxies(model, proxies, splits, ablation, ablation_sequences)
-    baselines = _baseline_columns(proxies, ablations)
-    runner = Runner(model, reuse_prefix)
-    trim_heap = HeapTrimmer()
-    sums: dict[str, dict[Hashable, _Sums]] = {}
-    timings = {"clean_s": 0.0, "proxies_s": 0.0, "ablations_s": 0.0}
+    splits = _split_set(splits)
+    backend = Backend.of(model)
+    plan = _plan(backend, proxies, splits, task, metrics, answer_ids, ablation, ablation_sequences)
+    require(isinstance(batch_size, int) and batch_size > 0, f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
+    require(isinstance(n_boot, int) and n_boot >= 0, f"evaluate: n_boot must be a non-negative integer, got {n_boot!r}")
+    chunk = chunk_size or max(1, CHUNK_BYTES // (4 * backend.d_vocab_out))
+    require(isinstance(chunk, int) and chunk > 0, f"evaluate: chunk_size must be a positive integer, got {chunk_size!r}")
+    sums: dict[str, _Sums] = {}
+    timings = defaultdict(float)
     was_training = model.training
     model.eval()
     bar = tqdm(total=sum(len(s) for s in splits.values()), desc="evaluate", unit="seq", disable=not progress)
     try:
         with torch.no_grad():
             for split in splits.values():
-                sums[split.name] = _evaluate_split(runner, proxies, ablations, baselines, split, answer_ids,
-                                                   batch_size, proxy_batch, timings, bar, device, trim_heap)
+                sums[split.name] = _evaluate_split(backend, plan, split, batch_size, chunk, timings, bar)
     finally:
         bar.close()
         model.train(was_training)
-    return _summarise(proxies, splits, sums, baselines, n_boot, seed, meta={
-        "evaluation": {"batch_size": batch_size, "proxy_batch": proxy_batch, "n_boot": n_boot, "seed": seed, "ablation": ablation,
-                       "ablation_sequences": ablation_sequences, "prefix_reuse": dict(runner.resume),
-                       "baseline_shared_with": {"+".join(sorted(hooks)): table for hooks, (table, _) in baselines.items()
-                                                if table in proxies},
-                       "heap_trims": trim_heap.trims},
+    records, samples = _records(plan, splits, sums, n_boot, seed)
+    infos = [MetricInfo(m.name, m.label, m.higher_is_better, "positions" if isinstance(m, Metric) else "hooks")
+             for m in [*plan.position_metrics, *plan.hook_metrics]]
+    return Results(records=records, gaps=_gaps(records, samples), metrics=infos, meta={
+        "evaluation": {"batch_size": batch_size, "chunk_size": chunk, "n_boot": n_boot, "seed": seed,
+                       "ablation": ablation, "ablation_sequences": ablation_sequences,
+                       "resumed_at": dict(plan.resume),
+                       "baseline_shared_with": {"+".join(sorted(h)): twin for h, twin in plan.baseline_twin.items()
+                                                if twin is not None},
+                       "threads": torch.get_num_threads()},
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "backend": model_backend(model),
+        "backend": backend.kind,
         "task": task.to_dict() if task is not None else None,
         "splits": {s.name: {"role": s.role, "n_sequences": len(s), "n_scored": s.n_scored} for s in splits.values()},
         **provenance(),
     })
 
 
-def _baseline_columns(proxies: Mapping[str, Proxy], ablations: dict[frozenset[str], Proxy]
-                      ) -> dict[frozenset[str], tuple[Hashable, str]]:
-    """Per hook set, the (table, column) holding its ablation baseline's cross-entropy: the
-    ``ce_proxy`` of a proxy that makes the very same edit (no extra pass), else its own table."""
-    out: dict[frozenset[str], tuple[Hashable, str]] = {}
-    for hooks, baseline in ablations.items():
-        twin = next((name for name, proxy in proxies.items() if proxy.same_edit(baseline)), None)
-        out[hooks] = (twin, "ce_proxy") if twin is not None else (("ablated", hooks), "ce_ablated")
+def _split_set(splits: Any) -> SplitSet:
+    if isinstance(splits, Split):
+        raise IllusionProbeError("evaluate: splits must be a SplitSet or {name: Split}, got one Split; "
+                                 "wrap it: ip.SplitSet([split])")
+    require(isinstance(splits, Mapping), f"evaluate: splits must be a SplitSet or {{name: Split}}, got {type(splits).__name__}")
+    for name, split in splits.items():
+        require(isinstance(split, Split), f"evaluate: splits[{name!r}] is a {type(split).__name__}, not an ip.Split")
+    return splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
+
+
+def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task: Task | None,
+          metrics: Sequence[str | AnyMetric] | None, answer_ids: Any, ablation: str,
+          ablation_sequences: int) -> _Plan:
+    """Validate everything, fit the ablation baselines, and decide what every pass runs and watches."""
+    require(isinstance(proxies, Mapping) and len(proxies) > 0, "evaluate needs at least one proxy: {name: ip.Proxy}; "
+            "fit one with ip.fit_proxy")
+    for name, proxy in proxies.items():
+        if not isinstance(proxy, Proxy):
+            raise IllusionProbeError(f"evaluate: proxy {name!r} is a {type(proxy).__name__}, not an ip.Proxy; "
+                                     "build it with ip.fit_proxy")
+        proxy.check_compatible(backend.model)
+        late = [h for h in proxy.hook_names if is_after_blocks(h)]
+        require(not late, f"evaluate: proxy {name!r} edits {late}, after the last block; evaluation scores the "
+                "final residual through the model's head, so simplify the blocks or the embeddings instead")
+    require(ablation in ABLATIONS, f"evaluate: unknown ablation {ablation!r}; choose one of {ABLATIONS}")
+    for split in splits.values():
+        check_tokens(split.tokens, backend.d_vocab, backend.n_ctx, f"split {split.name!r}")
+        require(len(split) > 0 and split.n_scored > 0, f"evaluate: split {split.name!r} has no scored position; "
+                "give it sequences with eval_mask set, or leave it out")
+    ids = _answer_ids(backend, task, answer_ids)
+    for split in splits.values():
+        targets = split.targets[split.eval_mask]
+        require(bool(((targets >= 0) & (targets < backend.d_vocab_out)).all()),
+                f"evaluate: split {split.name!r} has targets outside the model's output vocabulary "
+                f"(d_vocab_out={backend.d_vocab_out})")
+    chosen = resolve_metrics(None if metrics is None else list(metrics))
+    position = [m for m in chosen if isinstance(m, Metric)]
+    hook_metrics = [m for m in chosen if isinstance(m, HookMetric)]
+    watched = {name: {m.name: m.watched(list(p.hook_names)) for m in hook_metrics} for name, p in proxies.items()}
+    for name, per_metric in watched.items():
+        for metric in hook_metrics:
+            outside = [h for h in per_metric[metric.name] if metric.reference == "input" and h not in proxies[name].hook_names]
+            require(not outside, f"metric {metric.name!r} watches {outside} with reference 'input', but proxy "
+                    f"{name!r} does not simplify them")
+    baselines: dict[frozenset[str], Proxy] = {}
+    if any(m.uses_baseline for m in position):
+        baselines = _ablation_proxies(backend, proxies, splits, ablation, ablation_sequences)
+    twins = {hooks: next((n for n, p in proxies.items() if p.same_edit(b)), None) for hooks, b in baselines.items()}
+    resume: dict[str, int | None] = {}
+    for name, proxy in proxies.items():
+        hooks = [*proxy.hook_names, *(h for hs in watched[name].values() for h in hs)]
+        resume[name] = _resume_layer(backend, hooks)
+    baseline_resume = {hooks: _resume_layer(backend, sorted(hooks)) for hooks in baselines}
+    return _Plan(position, hook_metrics, proxies, baselines, twins, watched, resume, baseline_resume, ids)
+
+
+def _answer_ids(backend: Backend, task: Task | None, answer_ids: Any) -> Tensor:
+    if task is not None:
+        require(answer_ids is None, "evaluate: give answer_ids or a task (whose answer_ids are used), not both")
+        ids = task.answer_ids
+    elif answer_ids is None:
+        ids = torch.arange(backend.d_vocab_out)
+    else:
+        ids = torch.as_tensor(answer_ids)
+    require(ids.ndim == 1 and len(ids) > 0 and not ids.dtype.is_floating_point,
+            "evaluate: answer_ids must be a non-empty 1-D list of integer output ids")
+    require(bool(((ids >= 0) & (ids < backend.d_vocab_out)).all()),
+            f"evaluate: answer_ids must lie in the model's output vocabulary [0, {backend.d_vocab_out})")
+    return ids.long().to(backend.device)
+
+
+def _resume_layer(backend: Backend, hooks: Sequence[str]) -> int | None:
+    layer = first_layer(list(hooks))
+    return layer if layer is not None and backend.can_resume(layer) else None
+
+
+def _ablation_proxies(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, ablation: str,
+                      n_sequences: int) -> dict[frozenset[str], Proxy]:
+    """One ablation proxy per distinct hook set: mean (fit on train) or zero; patterns are zero-ablated."""
+    train = splits.by_role("train")
+    require(ablation == "zero" or bool(train),
+            "evaluate: the mean-ablation baseline of ce_score is fit on a 'train' split, and there is none; "
+            "add the train split or pass ablation='zero'")
+    out: dict[frozenset[str], Proxy] = {}
+    for proxy in proxies.values():
+        hooks = frozenset(proxy.hook_names)
+        if hooks not in out:
+            simplifiers = {h: ZeroAblation() if ablation == "zero" or is_attention_pattern(h) else MeanAblation()
+                           for h in sorted(hooks)}
+            out[hooks] = fit_proxy_with(backend, simplifiers, train[0] if train else next(iter(splits.values())),
+                                        n_sequences=n_sequences, allow_non_train=True)
     return out
 
 
-def _evaluate_split(runner, proxies, ablations, baselines, split, answer_ids, batch_size, proxy_batch, timings,
-                    bar, device, trim_heap: HeapTrimmer) -> dict[Hashable, _Sums]:
-    """Per-sequence sums of every table on ``split``; sequences are visited longest first (less padding
-    to run), in the same order for every table, which is all the paired bootstrap needs."""
-    attn_layers = {name: _attention_layers(p.hook_names) for name, p in proxies.items()}
-    start_layers = {s for s in (start_layer(list(h)) for h in ablations) if s is not None}
-    pattern_layers = {layer for layers in attn_layers.values() for layer in layers}
-    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)  # same hooks -> one stacked pass
-    for name, proxy in proxies.items():
-        groups[proxy.hook_names].append(name)
-    own_baselines = {hooks: ablations[hooks] for hooks, (table, _) in baselines.items() if table not in proxies}
-    tables: dict[Hashable, _Sums] = defaultdict(_Sums)
+def _evaluate_split(backend: Backend, plan: _Plan, split: Split, batch_size: int, chunk: int,
+                    timings: dict[str, float], bar: Any) -> _Sums:
+    """Per-sequence sums of every metric on ``split``; every table shares the longest-first order."""
+    sums = _Sums()
+    resume_layers = {layer for layer in [*plan.resume.values(), *plan.baseline_resume.values()] if layer is not None}
+    clean_watched = plan.clean_watched()
     for batch in split.batches(batch_size, longest_first=True):
-        batch = batch.to(device)
+        batch = batch.to(backend.device)
+        scored = ScoredPositions.of(batch)
         tick = time.perf_counter()
-        clean, resid, clean_patterns = runner.clean(batch.tokens, start_layers, pattern_layers)
-        clean_argmax = {layer: pattern.argmax(-1) for layer, pattern in clean_patterns.items()}
+        entering: dict[int, Tensor] = {}
+        references: dict[tuple[str, str], Tensor] = {}
+        metrics_by_name = {m.name: m for m in plan.hook_metrics}
+        hooks = [(resid_pre(layer), _store(entering, layer)) for layer in sorted(resume_layers)]
+        hooks += [(hook, _store(references, (metric, hook), metrics_by_name[metric].prepare))
+                  for metric, hook in sorted(clean_watched)]
+        clean = scored.rows(backend.final_residual(batch.tokens, batch.real_mask, hooks))
         timings["clean_s"] += time.perf_counter() - tick
-        scored = _Scored.of(batch)
-        ref = _Reference.of(scored, clean, answer_ids)
-        tables[MODEL].add(scored, MODEL_TERMS, _model_terms(ref, scored))
+
         tick = time.perf_counter()
-        for hooks, baseline in own_baselines.items():
-            ablated = runner.run(batch.tokens, resid, start_layer(list(hooks)), baseline.fwd_hooks())
-            tables[("ablated", hooks)].add(scored, BASELINE_TERMS,
-                                           _cross_entropy(F.log_softmax(scored.take(ablated).float(), dim=-1),
-                                                          scored.targets)[None])
-        timings["ablations_s"] += time.perf_counter() - tick
+        baseline_rows = {}
+        for hooks_key, baseline in plan.baselines.items():
+            if plan.baseline_twin[hooks_key] is None:
+                baseline_rows[hooks_key] = scored.rows(_run(backend, batch, baseline.fwd_hooks(),
+                                                            plan.baseline_resume[hooks_key], entering))
+        timings["baselines_s"] += time.perf_counter() - tick
+
         tick = time.perf_counter()
-        for names in groups.values():
-            for first in range(0, len(names), proxy_batch):
-                chunk = names[first:first + proxy_batch]
-                runs = run_group(runner, batch.tokens, resid, [proxies[n] for n in chunk], attn_layers[chunk[0]])
-                for name, (logits, recorder) in zip(chunk, runs, strict=True):
-                    tables[name].add(scored, PROXY_TERMS, _proxy_terms(ref, scored, logits, answer_ids))
-                    _accumulate_hooks(tables[name], recorder, clean_argmax, batch.real_mask)
-        del ref, runs, clean, resid, clean_patterns, clean_argmax
-        trim_heap()  # a loop of large, differently sized temporaries fragments the heap
+        proxy_rows = {}
+        for name, proxy in plan.proxies.items():
+            hooks = _observed_hooks(plan, name, proxy, batch.real_mask, references, sums)
+            proxy_rows[name] = scored.rows(_run(backend, batch, hooks, plan.resume[name], entering))
+        for hooks_key, twin in plan.baseline_twin.items():
+            if twin is not None:
+                baseline_rows[hooks_key] = proxy_rows[twin]
         timings["proxies_s"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        _score(backend, plan, scored, clean, baseline_rows, proxy_rows, chunk, sums)
+        timings["scoring_s"] += time.perf_counter() - tick
         bar.update(len(batch))
-    return tables
+    return sums
 
 
-def _accumulate_hooks(sums: _Sums, recorder: Recorder, clean_argmax: dict[int, Tensor], real: Tensor) -> None:
-    """Add one batch's per-sequence explained-variance and attention-agreement sums for one proxy."""
-    for hook, (act, hat) in recorder.acts.items():
-        if not is_attention_pattern(hook):
-            for term, values in _ev_terms(act, hat, real).items():
-                sums.by_hook[hook][term].append(values)
-    for layer, pattern in recorder.patterns.items():
-        for term, values in _attn_terms(clean_argmax[layer], pattern, real).items():
-            sums.by_hook[f"attn{layer}"][term].append(values)
+def _store(sink: dict, key: Any, transform: Any = None) -> Any:
+    """A capture hook keeping ``transform(activation)`` (the activation itself by default) in ``sink[key]``."""
+    def hook(act: Tensor, hook: Any) -> None:
+        sink[key] = act.detach() if transform is None else transform(act.detach())
+    return hook
 
 
-def _summarise(proxies, splits: SplitSet, sums, baselines, n_boot: int, seed: int, meta: dict) -> Results:
+def _run(backend: Backend, batch: Split, hooks: list, layer: int | None, entering: dict[int, Tensor]) -> Tensor:
+    return backend.final_residual(batch.tokens, batch.real_mask, hooks,
+                                  resume=None if layer is None else (layer, entering[layer]))
+
+
+def _observed_hooks(plan: _Plan, name: str, proxy: Proxy, real: Tensor, references: dict[tuple[str, str], Tensor],
+                    sums: _Sums) -> list:
+    """The proxy's hooks, wrapped to feed its hook metrics (``input`` references), then observers that compare
+    with the clean activations (``clean`` references)."""
+    inputs = {m.name: m for m in plan.hook_metrics if m.reference == "input"}
+    watched = plan.watched[name]
+
+    def on_apply(hook: str, act: Tensor, out: Tensor) -> None:
+        for metric in inputs.values():
+            if hook in watched[metric.name]:
+                for term, values in metric.terms(act, out, real).items():
+                    sums.add((name, hook, metric.name, term), values)
+
+    hooks = proxy.fwd_hooks(on_apply=on_apply if inputs else None)
+    for metric in plan.hook_metrics:
+        if metric.reference == "clean":
+            hooks += [(hook, _compare(metric, name, hook, references, real, sums)) for hook in watched[metric.name]]
+    return hooks
+
+
+def _compare(metric: HookMetric, proxy: str, name: str, references: dict, real: Tensor, sums: _Sums) -> Any:
+    """An observer hook comparing the activation at ``name`` with the clean one kept for ``metric``."""
+    def observe(act: Tensor, hook: Any) -> None:
+        for term, values in metric.terms(references[(metric.name, name)], act.detach(), real).items():
+            sums.add((proxy, name, metric.name, term), values)
+    return observe
+
+
+def _score(backend: Backend, plan: _Plan, scored: ScoredPositions, clean: Tensor, baseline_rows: dict,
+           proxy_rows: dict[str, Tensor], chunk: int, sums: _Sums) -> None:
+    """Sum every position metric's terms per sequence and category, one chunk of scored positions at a time."""
+    totals: dict[str, Tensor] = {}
+    names: dict[str, list[tuple[str, str]]] = {}
+    for part in scored.chunks(chunk):
+        model = Predictions(backend.head(clean[part]), plan.answer_ids)
+        baselines = {hooks: Predictions(backend.head(rows[part]), plan.answer_ids)
+                     for hooks, rows in baseline_rows.items()}
+        for name, rows in proxy_rows.items():
+            context = Scored(scored.targets[part], model, Predictions(backend.head(rows[part]), plan.answer_ids),
+                             baselines.get(frozenset(plan.proxies[name].hook_names)))
+            terms = {("", "count"): torch.ones_like(scored.targets[part], dtype=torch.float64)}
+            for metric in plan.position_metrics:
+                terms.update({(metric.name, term): values for term, values in metric.terms(context).items()})
+            names[name] = list(terms)
+            summed = scored.per_sequence(torch.stack([t.double() for t in terms.values()]), part)
+            totals[name] = summed if name not in totals else totals[name] + summed
+    for name, summed in totals.items():
+        for c, category in enumerate(scored.categories):
+            for t, (metric, term) in enumerate(names[name]):
+                sums.add((name, category, metric, term), summed[c, t])
+
+
+def _proxy_method(proxy: Proxy) -> tuple[str, int | None]:
+    methods = {s.method for s in proxy.simplifiers.values()}
+    sizes = {s.size for s in proxy.simplifiers.values()}
+    return (methods.pop() if len(methods) == 1 else "mixed"), (sizes.pop() if len(sizes) == 1 else None)
+
+
+def _records(plan: _Plan, splits: SplitSet, sums: dict[str, _Sums], n_boot: int, seed: int
+             ) -> tuple[list[Record], dict[tuple[str, str, str, str, str], np.ndarray]]:
+    """One record per (split, proxy, category or hook, metric), and each record's bootstrap samples."""
     records: list[Record] = []
-    samples: dict[tuple[str, str, str, str], np.ndarray] = {}
+    samples: dict[tuple[str, str, str, str, str], np.ndarray] = {}
     for index, split in enumerate(splits.values()):
-        weights = stats.bootstrap_weights(len(split), n_boot, seed + index)
-        tables = {key: (table.categories(), table.hooks()) for key, table in sums[split.name].items()}
-        # Every per-sequence column of the split, resampled with one matrix product.
-        resampled = stats.Resampled.of({(key, part_key, column): values for key, parts in tables.items()
-                                        for part in parts for part_key, table in part.items()
-                                        for column, values in table.items()}, weights)
-        model_table = tables[MODEL][0]
-        for name, proxy in proxies.items():
+        table = sums[split.name].concatenated()
+        grouped: dict[tuple[str, str, str], dict[str, Hashable]] = defaultdict(dict)
+        for key in table:
+            grouped[key[:3]][key[3]] = key  # (proxy, category or hook, metric) -> {term: column}
+        resampled = stats.Resampled.of(table, stats.bootstrap_weights(len(split), n_boot, seed + index))
+        for name, proxy in plan.proxies.items():
             method, size = _proxy_method(proxy)
             base = dict(split=split.name, role=split.role, proxy=name, method=method, size=size,
                         n_sequences=len(split), hooks="+".join(proxy.hook_names))
-            per_category, per_hook = tables[name]
-            baseline_table, baseline_column = baselines[frozenset(proxy.hook_names)]
-            for category in per_category:
-                n_positions = int(model_table[category]["count"].sum())
-                col = {**{term: (MODEL, category, term) for term in MODEL_TERMS},
-                       **{term: (name, category, term) for term in PROXY_TERMS},
-                       "ce_ablated": (baseline_table, category, baseline_column)}
-                for metric in (*POSITION_METRICS, "acc_delta", "ce_score"):
-                    if metric == "ce_score":
-                        est, boot = resampled.estimate(stats.ce_score, ce_ablated=col["ce_ablated"],
-                                                       ce_proxy=col["ce_proxy"], ce_model=col["ce_model"])
-                    elif metric == "acc_delta":  # paired: both accuracies from the same resampled sequences
-                        est, boot = resampled.estimate(stats.ratio_difference, a=col["acc_proxy"], b=col["acc_model"],
-                                                       den=col["count"])
-                    else:
-                        est, boot = resampled.estimate(stats.ratio, num=col[metric], den=col["count"])
-                    samples[(split.name, name, category, metric)] = boot
-                    records.append(Record(**base, category=category, metric=metric, value=est.value,
-                                          ci_low=est.ci_low, ci_high=est.ci_high, n_positions=n_positions))
-            for hook, table in per_hook.items():
-                columns = {column: (name, hook, column) for column in table}
-                if hook.startswith("attn") and "num" in table:
-                    est, _ = resampled.estimate(stats.ratio, **columns)
-                    metric, hook_name = "attn_agreement", f"blocks.{hook[4:]}.attn.hook_pattern"
-                else:
-                    est, _ = resampled.estimate(stats.explained_variance, **columns)
-                    metric, hook_name = "explained_variance", hook
-                records.append(Record(**base, category="all", metric=metric, value=est.value, ci_low=est.ci_low,
-                                      ci_high=est.ci_high, n_positions=int(table.get("count", table.get("den")).sum()),
-                                      hook=hook_name))
-    return Results(records=records, gaps=_gaps(records, samples), meta=meta)
+            categories = [key[1] for key in grouped if key[0] == name and key[2] == ""]
+            for category in categories:
+                count = (name, category, "", "count")
+                for metric in plan.position_metrics:
+                    est, boot = resampled.estimate(metric.reduce, {**grouped[(name, category, metric.name)],
+                                                                   "count": count})
+                    samples[(split.name, name, category, metric.name, "")] = boot
+                    records.append(Record(**base, category=category, metric=metric.name, value=est.value,
+                                          ci_low=est.ci_low, ci_high=est.ci_high,
+                                          n_positions=int(resampled.totals[count])))
+            for metric in plan.hook_metrics:
+                for hook in plan.watched[name][metric.name]:
+                    if (name, hook, metric.name) not in grouped:
+                        continue  # the hook never fired (no real token)
+                    est, boot = resampled.estimate(metric.reduce, grouped[(name, hook, metric.name)])
+                    samples[(split.name, name, "all", metric.name, hook)] = boot
+                    records.append(Record(**base, category="all", metric=metric.name, value=est.value,
+                                          ci_low=est.ci_low, ci_high=est.ci_high, hook=hook,
+                                          n_positions=int(split.real_mask.sum())))
+    return records, samples
 
 
-def _gaps(records: list[Record], samples: dict[tuple[str, str, str, str], np.ndarray]) -> list[Gap]:
-    """metric(id) - metric(ood) per proxy; splits are resampled independently, so samples subtract."""
-    cells = {(r.split, r.proxy, r.category, r.metric): r for r in records if not r.hook}
+def _gaps(records: list[Record], samples: dict[tuple[str, str, str, str, str], np.ndarray]) -> list[Gap]:
+    """metric(id) - metric(ood) per proxy, category and hook; splits are resampled independently, so samples subtract."""
+    cells = {(r.split, r.proxy, r.category, r.metric, r.hook): r for r in records}
     id_splits = list(dict.fromkeys(r.split for r in records if r.role == "id"))
     ood_splits = list(dict.fromkeys(r.split for r in records if r.role == "ood"))
     gaps = []
-    for (split, proxy, category, metric), rec in cells.items():
+    for (split, proxy, category, metric, hook), rec in cells.items():
         if split not in id_splits:
             continue
         for ood in ood_splits:
-            other = cells.get((ood, proxy, category, metric))
+            other = cells.get((ood, proxy, category, metric, hook))
             if other is None:
                 continue
-            diff = samples[(split, proxy, category, metric)] - samples[(ood, proxy, category, metric)]
+            diff = samples[(split, proxy, category, metric, hook)] - samples[(ood, proxy, category, metric, hook)]
             low, high = stats.interval(diff)
             gaps.append(Gap(proxy=proxy, method=rec.method, size=rec.size, category=category, metric=metric,
-                            id_split=split, ood_split=ood, value=rec.value - other.value, ci_low=low, ci_high=high))
+                            id_split=split, ood_split=ood, value=rec.value - other.value, ci_low=low, ci_high=high,
+                            hook=hook))
     return gaps

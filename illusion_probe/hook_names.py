@@ -1,9 +1,10 @@
-"""One hook-name resolver for the whole package.
+"""Hook names: the one place they are built, classified and resolved.
 
-Accepts legacy names (``blocks.1.attn.hook_k``) and canonical bridge names
-(``blocks.1.attn.k.hook_out``) alike. On a ``TransformerBridge`` a legacy name
-is an alias: the ``hook.name`` a callback receives is the canonical one, so
-fitted state is keyed by the name the *user* gave, never by ``hook.name``.
+The builders give TransformerLens's legacy names (``blocks.1.attn.hook_k``), which resolve on
+``HookedTransformer`` and on every ``TransformerBridge`` alike. On a bridge a legacy name is an
+alias: the ``hook.name`` a callback receives is the canonical one (``blocks.1.attn.k.hook_out``),
+so fitted state is keyed by the name the *user* gave, never by ``hook.name``. The classifiers
+accept both spellings.
 """
 
 from __future__ import annotations
@@ -16,8 +17,49 @@ import torch
 from illusion_probe.errors import IllusionProbeError
 
 _PER_HEAD = re.compile(r"(^|\.)(hook_[qkvz]|[qkv]\.hook_out|o\.hook_in)$")
+_QUERY_OR_KEY = re.compile(r"(^|\.)(hook_[qk]|[qk]\.hook_out)$")
 _ATTENTION_PATTERN = re.compile(r"(^|\.)hook_pattern$")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def resid_pre(layer: int) -> str:
+    """The residual stream entering block ``layer`` ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def resid_post(layer: int) -> str:
+    """The residual stream leaving block ``layer`` ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def attn_q(layer: int) -> str:
+    """Queries of block ``layer`` ``[batch, pos, head, d_head]``."""
+    return f"blocks.{layer}.attn.hook_q"
+
+
+def attn_k(layer: int) -> str:
+    """Keys of block ``layer`` ``[batch, pos, head, d_head]``."""
+    return f"blocks.{layer}.attn.hook_k"
+
+
+def attn_z(layer: int) -> str:
+    """Attention-weighted values of block ``layer`` ``[batch, pos, head, d_head]``."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def attn_pattern(layer: int) -> str:
+    """The post-softmax attention pattern of block ``layer`` ``[batch, head, query, key]``."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def mlp_in(layer: int) -> str:
+    """What the MLP of block ``layer`` reads: the normalised residual ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.ln2.hook_normalized"
+
+
+def mlp_out(layer: int) -> str:
+    """What the MLP of block ``layer`` writes to the residual stream ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_mlp_out"
 
 
 def hook_points(model: torch.nn.Module) -> dict[str, object]:
@@ -43,12 +85,28 @@ def is_per_head(name: str) -> bool:
     return bool(_PER_HEAD.search(name))
 
 
+def is_query_or_key(name: str) -> bool:
+    """True for the queries or keys of a block (``hook_q``, ``hook_k`` and bridge twins)."""
+    return bool(_QUERY_OR_KEY.search(name))
+
+
 def is_attention_pattern(name: str) -> bool:
     """True for ``hook_pattern``, the post-softmax attention ``[batch, head, query, key]``."""
     return bool(_ATTENTION_PATTERN.search(name))
+
+
+def is_after_blocks(name: str) -> bool:
+    """True for hooks after the last block: the final norm and the unembedding."""
+    return name.startswith(("ln_final.", "unembed."))
 
 
 def layer_of(name: str) -> int | None:
     """The block index a hook belongs to (``blocks.L.…``), or ``None`` for embed/unembed hooks."""
     match = _LAYER.match(name)
     return int(match.group(1)) if match else None
+
+
+def first_layer(names: list[str] | tuple[str, ...]) -> int | None:
+    """The first block any of ``names`` sits in; ``None`` if one sits before the blocks (embeddings)."""
+    layers = [layer_of(name) for name in names]
+    return None if not layers or any(layer is None for layer in layers) else min(layers)  # type: ignore[type-var]

@@ -9,11 +9,14 @@ from the task, and initialises from ``cfg.seed`` without touching global RNGs.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
 
+from illusion_probe.backends import transformer_lens_major
+from illusion_probe.config import check_types
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.provenance import package_version
 
@@ -54,10 +57,11 @@ class ModelConfig:
         d_mlp: MLP hidden width; ``None`` means ``4 * d_model``. Ignored when ``attn_only``.
         act_fn: MLP activation, one of ``ACT_FNS``.
         normalization: ``"LN"``, ``"LNPre"``, ``"RMS"``, ``"RMSPre"`` or ``None``.
-        positional_embedding: ``"standard"`` (learned absolute) or ``"rotary"``.
+        positional_embedding_type: ``"standard"`` (learned absolute) or ``"rotary"`` (TransformerLens's names).
         attn_only: drop the MLPs.
         seed: initialisation seed (global RNGs are left untouched).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available); training and
+            evaluation run where the model is.
     """
 
     n_layers: int = 2
@@ -67,12 +71,13 @@ class ModelConfig:
     d_mlp: int | None = None
     act_fn: str = "relu"
     normalization: str | None = "LN"
-    positional_embedding: str = "standard"
+    positional_embedding_type: str = "standard"
     attn_only: bool = False
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("n_layers", "d_model", "n_heads"):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -86,10 +91,11 @@ class ModelConfig:
         require(self.act_fn in ACT_FNS, f"ModelConfig.act_fn {self.act_fn!r} is unknown; choose one of {ACT_FNS}")
         require(self.normalization in NORMALIZATIONS,
                 f"ModelConfig.normalization {self.normalization!r} is unknown; choose one of {NORMALIZATIONS}")
-        require(self.positional_embedding in POSITIONAL_EMBEDDINGS,
-                f"ModelConfig.positional_embedding {self.positional_embedding!r} is unknown; "
+        require(self.positional_embedding_type in POSITIONAL_EMBEDDINGS,
+                f"ModelConfig.positional_embedding_type {self.positional_embedding_type!r} is unknown; "
                 f"choose one of {POSITIONAL_EMBEDDINGS}")
-        require(isinstance(self.seed, int), f"ModelConfig.seed must be an integer, got {self.seed!r}")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+                f"ModelConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
     @property
     def resolved_d_head(self) -> int:
@@ -113,15 +119,6 @@ class ModelConfig:
         return cls(**data)
 
 
-def transformer_lens_major() -> int:
-    """Major version of the installed TransformerLens (0 if it cannot be read)."""
-    version = package_version("transformer-lens") or "0"
-    try:
-        return int(version.split(".")[0])
-    except ValueError:
-        return 0
-
-
 def available_backends() -> tuple[str, ...]:
     """Backends this environment can build: ``"hooked"`` needs TransformerLens < 4."""
     return ("hooked", "bridge") if transformer_lens_major() < 4 else ("bridge",)
@@ -139,19 +136,6 @@ def resolve_backend(backend: str) -> Backend:
             f"{package_version('transformer-lens')} removed; use backend='bridge' or install 'transformer-lens<4'"
         )
     return backend  # type: ignore[return-value]
-
-
-def model_backend(model: torch.nn.Module) -> str:
-    """Name the family of a hooked model: ``hooked``, ``bridge`` (native) or ``bridge_hf`` (wrapping HF)."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if "HookedTransformer" in names:
-        return "hooked"
-    if "TransformerBridge" in names:
-        original = getattr(model, "original_model", None)
-        return "bridge" if type(original).__name__ == "NativeModel" else "bridge_hf"
-    raise IllusionProbeError(
-        f"{type(model).__name__} is not a TransformerLens HookedTransformer or TransformerBridge"
-    )
 
 
 def resolve_device(device: str) -> str:
@@ -183,7 +167,7 @@ def _tl_config_kwargs(sizes: ModelSizes, cfg: ModelConfig, device: str) -> dict[
         n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.resolved_d_head,
         d_mlp=None if cfg.attn_only else cfg.resolved_d_mlp, d_vocab=sizes.d_vocab, n_ctx=sizes.n_ctx,
         act_fn=cfg.act_fn, normalization_type=cfg.normalization,
-        positional_embedding_type=cfg.positional_embedding, attn_only=cfg.attn_only, device=device,
+        positional_embedding_type=cfg.positional_embedding_type, attn_only=cfg.attn_only, device=device,
     )
 
 
@@ -210,8 +194,11 @@ def build_model(
     if chosen == "hooked":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        # HookedTransformerConfig(seed=...) would seed every global RNG; fork instead.
-        with torch.random.fork_rng(devices=[]):
+        # HookedTransformerConfig(seed=...) would seed every global RNG; fork instead. TransformerLens 3.x
+        # deprecates the class it still ships; "auto" chooses it there on purpose (DESIGN.md), so its
+        # deprecation notice is not the user's to act on.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
             torch.manual_seed(cfg.seed)
             model = HookedTransformer(HookedTransformerConfig(**kwargs, init_weights=True), move_to_device=True)
     else:

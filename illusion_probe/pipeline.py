@@ -1,9 +1,10 @@
-"""The whole study as one short function: task -> splits -> train -> fit -> evaluate -> report.
+"""The whole study as its stages: task -> splits -> train -> fit -> evaluate -> analyse -> write.
 
-:func:`reproduce` validates everything it can (preset, device, output
-directory, hook names, head index, context length) before the first training
-step, then runs each stage, reusing a stage's saved output in the run
-directory when its fingerprint (the configs that produced it) matches.
+:func:`prepare` checks everything that can be checked without work (the config, the device, the
+output directory, the splits against the model, layers, heads and ranks against the model's
+shape), then each stage runs in turn. A stage whose output is already in the run directory with
+the same fingerprint (a hash of every input that shapes it) is reused instead of redone, and says
+so on the terminal.
 """
 
 from __future__ import annotations
@@ -14,116 +15,29 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from illusion_probe.analysis.projection import Projection, key_query_projection
 from illusion_probe.artifacts import atomic_directory, read_json, write_json
 from illusion_probe.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from illusion_probe.errors import ArtifactError, IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
-from illusion_probe.hook_names import resolve_hook_name
-from illusion_probe.models import ModelConfig, build_model, resolve_device
-from illusion_probe.projection import key_query_projection
+from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, resid_pre
+from illusion_probe.models import build_model, resolve_device
 from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
 from illusion_probe.simplify.proxy import Proxy
+from illusion_probe.study import StudyConfig
 from illusion_probe.sweeps import sweep_proxies
-from illusion_probe.tasks import Task, task_from_dict
-from illusion_probe.tasks.base import Split, SplitSet
+from illusion_probe.tasks.base import SplitSet, Task
 from illusion_probe.training import TrainConfig, train
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """What to simplify and how to evaluate it.
-
-    Attributes:
-        layers: analysed layers (negative counts from the end; ``(-1,)`` is the last layer only).
-            Every listed layer gets its own key/query and residual-stream sweeps.
-        head: head whose keys and queries the projection figure shows (in the last listed layer).
-        n_fit_sequences: train sequences the simplifiers are fit on (the paper uses about 1,000).
-        kq_pca_sizes: PCA ranks for the analysed layer's keys and queries (per head).
-        resid_pca_sizes: PCA ranks for the residual stream entering the analysed layer.
-        kmeans_sizes: cluster counts for k-means on the keys and queries (per head).
-        max_eval_sequences: cap on sequences evaluated per split.
-        n_boot: bootstrap resamples for the 95% intervals.
-        batch_size: sequences per evaluation forward pass.
-        ablation: baseline of the CE score: ``mean`` or ``zero``.
-        projection_points: points per split in the projection figure.
-    """
-
-    layers: tuple[int, ...] = (-1,)
-    head: int = 0
-    n_fit_sequences: int = 1000
-    kq_pca_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
-    resid_pca_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    kmeans_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
-    max_eval_sequences: int = 2000
-    n_boot: int = 1000
-    batch_size: int = 256
-    ablation: str = "mean"
-    projection_points: int = 600
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything one run needs: the task (as ``Task.to_dict``), model, training and probing configs."""
-
-    name: str
-    task: dict[str, Any]
-    model: ModelConfig
-    train: TrainConfig
-    probe: ProbeConfig
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return {"name": self.name, "task": self.task, "model": self.model.to_dict(),
-                "train": dataclasses.asdict(self.train), "probe": dataclasses.asdict(self.probe)}
-
-
-def _config(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(known)
-    require(not unknown, f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def available_presets(kind: str) -> list[str]:
-    """Preset names shipped for task ``kind``."""
-    folder = resources.files("illusion_probe") / "presets"
-    return sorted(p.name[len(kind) + 1: -5] for p in folder.iterdir() if p.name.startswith(f"{kind}_") and p.name.endswith(".toml"))
-
-
-def load_preset(kind: str, name: str) -> RunConfig:
-    """The shipped preset ``name`` for task ``kind`` (``presets/<kind>_<name>.toml``)."""
-    known = available_presets(kind)
-    if name not in known:
-        raise IllusionProbeError(f"unknown {kind} preset {name!r}; choose one of {', '.join(known) or '(none)'}")
-    text = (resources.files("illusion_probe") / "presets" / f"{kind}_{name}.toml").read_text(encoding="utf-8")
-    return run_config_from_dict(tomllib.loads(text), f"preset {kind}/{name}")
-
-
-def run_config_from_dict(data: dict[str, Any], where: str) -> RunConfig:
-    """Build a :class:`RunConfig` from preset tables ``task``, ``model``, ``train``, ``probe``."""
-    task_table = dict(data.get("task", {}))
-    task = task_from_dict({"kind": task_table.pop("kind", None), "preset": task_table.pop("preset", None),
-                           "config": task_table})
-    return RunConfig(
-        name=where,
-        task=task.to_dict(),
-        model=_config(ModelConfig, data.get("model", {}), f"{where} [model]"),
-        train=_config(TrainConfig, data.get("train", {}), f"{where} [train]"),
-        probe=_config(ProbeConfig, data.get("probe", {}), f"{where} [probe]"),
-    )
+T = TypeVar("T")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -131,8 +45,13 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _log(message: str) -> None:
+    print(f"[illusion-probe] {message}", file=sys.stderr, flush=True)
+
+
 def check_output_dir(out: Path) -> Path:
     """Create ``out`` if needed and prove it is writable, before any work."""
+    require(str(out).strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -143,42 +62,99 @@ def check_output_dir(out: Path) -> Path:
     return out
 
 
-def _log(message: str) -> None:
-    print(f"[illusion-probe] {message}", file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class Run:
+    """A validated run of a study: where it writes, its task and splits, its untrained model, its stage stamps.
+
+    The run seed is the one source of every seed: splits are drawn with ``seed``, the model starts from
+    ``model.seed + seed``, batches are ordered by ``train.seed + seed``, and the bootstrap and the
+    projection's sample use ``seed``.
+    """
+
+    study: StudyConfig
+    out: Path
+    seed: int
+    task: Task
+    splits: SplitSet
+    model: torch.nn.Module
+    train_config: TrainConfig
+    layers: tuple[int, ...]
+    stamps: dict[str, str]
 
 
-def analysed_layers(model: torch.nn.Module, probe: ProbeConfig) -> list[int]:
-    """The probe's layers as non-negative indices, checked (with the head and hook names) against the model."""
-    n_layers = int(model.cfg.n_layers)
-    require(len(probe.layers) > 0, "probe.layers is empty; list at least one layer, e.g. [-1]")
-    for layer in probe.layers:
-        require(-n_layers <= layer < n_layers, f"probe.layers has {layer}, outside a {n_layers}-layer model")
-    require(0 <= probe.head < int(model.cfg.n_heads), f"probe.head={probe.head} but the model has {model.cfg.n_heads} heads")
-    layers = list(dict.fromkeys(layer % n_layers for layer in probe.layers))
-    for layer in layers:
-        for hooks in layer_hooks(layer).values():
-            for hook in hooks:
-                resolve_hook_name(model, hook)
-    return layers
+def prepare(study: StudyConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0) -> Run:
+    """Check everything that needs no work, draw the splits and build the untrained model."""
+    require(isinstance(seed, int) and seed >= 0, f"the seed must be a non-negative integer, got {seed!r}")
+    device = resolve_device(device)
+    out_dir = check_output_dir(Path(out))
+    model_config = dataclasses.replace(study.model, device=device, seed=study.model.seed + seed)
+    train_config = dataclasses.replace(study.train, seed=study.train.seed + seed)
+    study.check_against_model(model_config.d_model, model_config.resolved_d_head, model_config.n_layers,
+                              model_config.n_heads)
+    task = study.build_task()
+    splits = task.make_splits(seed=seed)
+    require(splits.max_len <= task.n_ctx, f"splits hold {splits.max_len} tokens but the task's n_ctx is {task.n_ctx}")
+    model = build_model(task, model_config)
+    layers = tuple(dict.fromkeys(layer % model_config.n_layers for layer in study.proxies.layers))
+    # Training is reproducible for a seed *and* a thread count, so the count is part of the checkpoint's identity.
+    train_stamp = fingerprint(task.to_dict(), model_config.to_dict(), dataclasses.asdict(train_config), seed,
+                              {"threads": torch.get_num_threads()})
+    fit_stamp = fingerprint(train_stamp, dataclasses.asdict(study.proxies))
+    evaluate_stamp = fingerprint(fit_stamp, dataclasses.asdict(study.evaluation))
+    analyse_stamp = fingerprint(train_stamp, dataclasses.asdict(study.evaluation), dataclasses.asdict(study.projection))
+    stamps = {"train": train_stamp, "fit": fit_stamp, "evaluate": evaluate_stamp, "analyse": analyse_stamp}
+    return Run(study, out_dir, seed, task, splits, model, train_config, layers, stamps)
+
+
+def _reuse(path: Path, stamp: str, read: Callable[[Path], T], stamp_of: Callable[[T], Any], what: str) -> T | None:
+    """The artefact at ``path`` when it exists, reads, and carries ``stamp``; else ``None`` (the stage reruns)."""
+    if not path.exists():
+        return None
+    try:
+        found = read(path)
+    except ArtifactError:
+        return None
+    if stamp_of(found) != stamp:
+        return None
+    _log(f"reusing {what} in {path}")
+    return found
+
+
+def train_stage(run: Run, allow_training: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model: the checkpoint in ``out/checkpoint`` when its fingerprint matches, else trained now."""
+    path = run.out / "checkpoint"
+    saved = _reuse(path, run.stamps["train"], read_checkpoint_metadata,
+                   lambda meta: meta.get("extra", {}).get("fingerprint"), "trained model")
+    if saved is not None:
+        model, _ = load_checkpoint(path, device=str(next(run.model.parameters()).device))
+        return model, saved["extra"]
+    require(allow_training, f"no finished checkpoint for this study and seed in {path}; run `illusion-probe train` first")
+    _log("training")
+    tick = time.perf_counter()
+    history = train(run.model, run.splits, run.train_config, task=run.task)
+    info = {"fingerprint": run.stamps["train"], "train_seconds": round(time.perf_counter() - tick, 2),
+            "threads": torch.get_num_threads(), "history": history}
+    save_checkpoint(path, run.model, run.task, extra=info)
+    return run.model, info
 
 
 def layer_hooks(layer: int) -> dict[str, list[str]]:
     """The hook groups studied in one layer: keys+queries, the residual stream entering it, its attention pattern."""
-    return {"kq": [f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_q"],
-            "resid": [f"blocks.{layer}.hook_resid_pre"], "pattern": [f"blocks.{layer}.attn.hook_pattern"]}
+    return {"kq": [attn_k(layer), attn_q(layer)], "resid": [resid_pre(layer)], "pattern": [attn_pattern(layer)]}
 
 
-def study_proxies(model: torch.nn.Module, fit: Split, probe: ProbeConfig) -> dict[str, Proxy]:
+def study_proxies(model: torch.nn.Module, run: Run) -> dict[str, Proxy]:
     """Every proxy of the study, for every analysed layer: PCA on keys/queries and on the residual
     stream, k-means on keys/queries, one-hot attention, and mean/zero ablation baselines."""
-    n = probe.n_fit_sequences
+    config = run.study.proxies
+    fit, n = run.splits["train"], config.n_fit_sequences
     proxies: dict[str, Proxy] = {}
-    for layer in analysed_layers(model, probe):
+    for layer in run.layers:
         groups = layer_hooks(layer)
         proxies.update({
-            **sweep_proxies(model, fit, groups["kq"], "pca", probe.kq_pca_sizes, n),
-            **sweep_proxies(model, fit, groups["resid"], "pca", probe.resid_pca_sizes, n),
-            **sweep_proxies(model, fit, groups["kq"], "kmeans", probe.kmeans_sizes, n),
+            **sweep_proxies(model, fit, groups["kq"], "pca", config.kq_pca_sizes, n),
+            **sweep_proxies(model, fit, groups["resid"], "pca", config.resid_pca_sizes, n),
+            **sweep_proxies(model, fit, groups["kq"], "kmeans", config.kmeans_sizes, n),
             **sweep_proxies(model, fit, groups["pattern"], "onehot_attention", (None,), n),
             **sweep_proxies(model, fit, groups["kq"], "mean_ablation", (None,), n),
             **sweep_proxies(model, fit, groups["kq"], "zero_ablation", (None,), n),
@@ -186,119 +162,84 @@ def study_proxies(model: torch.nn.Module, fit: Split, probe: ProbeConfig) -> dic
     return proxies
 
 
-def fit_or_reuse(path: Path, model: torch.nn.Module, splits: SplitSet, probe: ProbeConfig,
-                 stamp: str) -> dict[str, Proxy]:
-    """Fit every proxy of the study, or load the set saved at ``path`` with a matching fingerprint."""
-    manifest = path / "manifest.json"
-    if manifest.exists():
-        saved = read_json(manifest)
-        if saved.get("fingerprint") == stamp:
-            _log(f"reusing fitted proxies in {path}")
-            return {name: Proxy.load(path / folder) for name, folder in saved["proxies"].items()}
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest = read_json(path / "manifest.json")
+    entries = manifest.get("proxies")
+    if not (isinstance(entries, list) and all(isinstance(e, list) and len(e) == 2 for e in entries)):
+        raise ArtifactError(f"{path / 'manifest.json'}: 'proxies' should be a list of [name, folder] pairs")
+    return manifest
+
+
+def fit_stage(run: Run, model: torch.nn.Module) -> dict[str, Proxy]:
+    """Every proxy of the study: the set saved in ``out/proxies`` when its fingerprint matches, else fitted now.
+
+    The manifest lists the proxies in the order they were fitted, so a reused set is in the same order.
+    """
+    path = run.out / "proxies"
+    manifest = _reuse(path, run.stamps["fit"], _read_manifest, lambda m: m.get("fingerprint"), "fitted proxies")
+    if manifest is not None:
+        return {name: Proxy.load(path / folder) for name, folder in manifest["proxies"]}
     _log("fitting proxies")
-    proxies = study_proxies(model, splits["train"], probe)
+    proxies = study_proxies(model, run)
     with atomic_directory(path) as staging:
-        folders = {name: f"proxy_{i:03d}" for i, name in enumerate(proxies)}
-        for name, proxy in proxies.items():
-            proxy.save(staging / folders[name])
-        write_json(staging / "manifest.json", {"fingerprint": stamp, "proxies": folders})
+        folders = [(name, f"proxy_{i:03d}") for i, name in enumerate(proxies)]
+        for name, folder in folders:
+            proxies[name].save(staging / folder)
+        write_json(staging / "manifest.json", {"fingerprint": run.stamps["fit"], "proxies": folders})
     return proxies
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A validated run: task, splits, an untrained model and the fingerprints of each stage."""
-
-    run: RunConfig
-    out: Path
-    seed: int
-    device: str
-    task: Task
-    splits: SplitSet
-    model: torch.nn.Module
-    train_cfg: TrainConfig
-    train_stamp: str
-    probe_stamp: str
-
-
-def prepare(run: RunConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0) -> Prepared:
-    """Check everything (device, output directory, splits, hook names) and build the untrained model."""
-    device = resolve_device(device)
-    out_dir = check_output_dir(Path(out))
-    task = task_from_dict(run.task)
-    model_cfg = dataclasses.replace(run.model, device=device, seed=run.model.seed + seed)
-    train_cfg = dataclasses.replace(run.train, device=device, seed=run.train.seed + seed)
-    splits = task.make_splits(seed=seed)
-    require(splits.max_len <= task.n_ctx, f"splits hold {splits.max_len} tokens but the task's n_ctx is {task.n_ctx}")
-    model = build_model(task, model_cfg)
-    analysed_layers(model, run.probe)  # a bad layer, head or hook fails here, before training
-    train_stamp = fingerprint(run.task, model_cfg.to_dict(), dataclasses.asdict(train_cfg), seed)
-    probe_stamp = fingerprint(train_stamp, dataclasses.asdict(run.probe))
-    return Prepared(run, out_dir, seed, device, task, splits, model, train_cfg, train_stamp, probe_stamp)
-
-
-def trained_model(prep: Prepared, allow_training: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model of ``prep``: reused from ``out/checkpoint`` when its fingerprint matches."""
-    path = prep.out / "checkpoint"
-    try:
-        extra = read_checkpoint_metadata(path).get("extra", {}) if path.exists() else {}
-    except ArtifactError:
-        extra = {}
-    if extra.get("fingerprint") == prep.train_stamp:
-        _log(f"reusing trained model in {path}")
-        model, _ = load_checkpoint(path, device=prep.device)
-        return model, extra
-    require(allow_training, f"no finished checkpoint for this preset and seed in {path}; run `illusion-probe train` first")
-    _log("training")
+def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], train_info: dict[str, Any]) -> Results:
+    """Every proxy on every split: ``out/results.json`` when its fingerprint matches, else evaluated now."""
+    path = run.out / "results.json"
+    saved = _reuse(path, run.stamps["evaluate"], Results.from_json, lambda r: r.meta.get("fingerprint"), "results")
+    if saved is not None:
+        return saved
+    _log("evaluating")
+    config = run.study.evaluation
     tick = time.perf_counter()
-    history = train(prep.model, prep.splits, prep.train_cfg, task=prep.task)
-    extra = {"fingerprint": prep.train_stamp, "train_seconds": round(time.perf_counter() - tick, 2), "history": history}
-    save_checkpoint(path, prep.model, prep.task, extra=extra)
-    return prep.model, extra
+    results = evaluate(model, proxies, _evaluation_splits(run), run.task, batch_size=config.batch_size,
+                       n_boot=config.n_boot, seed=run.seed, ablation=config.ablation)
+    return results.with_meta(fingerprint=run.stamps["evaluate"], study=run.study.to_dict(), seed=run.seed,
+                             train_seconds=train_info.get("train_seconds"),
+                             evaluate_seconds=round(time.perf_counter() - tick, 2))
 
 
-def probe(prep: Prepared, model: torch.nn.Module, train_info: dict[str, Any]) -> Results:
-    """Fit (or reuse) every proxy, evaluate every split, write results and the report."""
-    run = prep.run
-    proxies = fit_or_reuse(prep.out / "proxies", model, prep.splits, run.probe, prep.probe_stamp)
-    results_file = prep.out / "results.json"
-    results = _reuse_results(results_file, prep.probe_stamp)
-    if results is None:
-        _log("evaluating")
-        eval_splits = SplitSet([s.head(run.probe.max_eval_sequences) for s in prep.splits.values()])
-        tick = time.perf_counter()
-        results = evaluate(model, proxies, eval_splits, prep.task, batch_size=run.probe.batch_size,
-                           n_boot=run.probe.n_boot, seed=prep.seed, ablation=run.probe.ablation)
-        layer = analysed_layers(model, run.probe)[-1]
-        results.extras["projection"] = key_query_projection(model, eval_splits, layer, run.probe.head,
-                                                            run.probe.projection_points, seed=prep.seed)
-        results.meta.update({"fingerprint": prep.probe_stamp, "run": run.to_dict(), "seed": prep.seed,
-                             "device": prep.device, "train_seconds": train_info.get("train_seconds"),
-                             "evaluate_seconds": round(time.perf_counter() - tick, 2)})
-        results.to_json(results_file)
-        results.to_csv(prep.out / "results.csv")
-    write_report(results, prep.out / "report.html", title=f"illusion-probe: {run.name}, seed {prep.seed}")
-    return results
+def _evaluation_splits(run: Run) -> SplitSet:
+    return SplitSet([s.head(run.study.evaluation.max_sequences) for s in run.splits.values()])
 
 
-def reproduce(run: RunConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0) -> Results:
-    """Train (or reuse), fit every proxy, evaluate every split, and write results and report into ``out``.
+def analyse_stage(run: Run, model: torch.nn.Module) -> Projection:
+    """Keys and queries of the analysed head on the train split's top two components (``out/projection.json``)."""
+    path = run.out / "projection.json"
+    saved = _reuse(path, run.stamps["analyse"], Projection.from_json, lambda p: p.meta.get("fingerprint"),
+                   "key/query projection")
+    if saved is not None:
+        return saved
+    config = run.study.projection
+    projection = key_query_projection(model, _evaluation_splits(run), run.layers[-1], config.head, config.points,
+                                      seed=run.seed)
+    return dataclasses.replace(projection, meta={**projection.meta, "fingerprint": run.stamps["analyse"]})
 
-    Writes ``checkpoint/``, ``proxies/``, ``results.json``, ``results.csv`` and ``report.html``.
+
+def write_stage(run: Run, results: Results, projection: Projection) -> list[Path]:
+    """Write ``results.json``, ``results.csv``, ``projection.json`` and ``report.html``; returns their paths."""
+    written = [results.to_json(run.out / "results.json"), run.out / "results.csv",
+               projection.to_json(run.out / "projection.json"), run.out / "report.html"]
+    results.to_csv(written[1])
+    write_report(results, written[3], title=f"illusion-probe: {run.study.name}, seed {run.seed}", projection=projection)
+    return written
+
+
+def reproduce(study: StudyConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0) -> Results:
+    """The whole study: train (or reuse), fit every proxy, evaluate every split, analyse, and write into ``out``.
+
+    Writes ``checkpoint/``, ``proxies/``, ``results.json``, ``results.csv``, ``projection.json`` and ``report.html``.
     """
-    prep = prepare(run, out, device, seed)
-    model, train_info = trained_model(prep)
-    return probe(prep, model, train_info)
-
-
-def _reuse_results(path: Path, stamp: str) -> Results | None:
-    if not path.exists():
-        return None
-    try:
-        results = Results.from_json(path)
-    except ArtifactError:
-        return None
-    if results.meta.get("fingerprint") != stamp:
-        return None
-    _log(f"reusing results in {path}")
+    run = prepare(study, out, device, seed)
+    model, train_info = train_stage(run)
+    proxies = fit_stage(run, model)
+    results = evaluate_stage(run, model, proxies, train_info)
+    projection = analyse_stage(run, model)
+    write_stage(run, results, projection)
     return results

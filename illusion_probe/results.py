@@ -1,16 +1,19 @@
-"""Tidy evaluation results: one record per (split, proxy, category, hook, metric).
+"""Tidy evaluation results: one record per (split, proxy, category, hook, metric), immutable once built.
 
 Plain data only (no torch), so reports can be rebuilt from a saved file.
 ``to_json`` / ``from_json`` use a versioned schema; ``to_csv`` writes the
-records table.
+records table. Each metric's description (title, direction) travels with the
+results, so a report knows how to read a metric it has never heard of.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from illusion_probe.artifacts import atomic_write_text, read_json, write_json
 from illusion_probe.errors import ArtifactError, IllusionProbeError
 
 SCHEMA = "illusion-probe/results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 AGREEMENT_TARGET = 0.99
 
 
@@ -30,16 +33,16 @@ class Record:
     Attributes:
         split: split name (``test``, ``ood_deeper``, ...).
         role: the split's role: ``train``, ``id`` or ``ood``.
-        proxy: proxy name (e.g. ``pca@blocks.1.attn.hook_k+hook_q/r4``).
+        proxy: proxy name (e.g. ``pca(4)@blocks.1.attn.hook_k+hook_q``).
         method: simplifier family (``pca``, ``kmeans``, ``onehot_attention``, ...).
         size: rank or cluster count, ``None`` for size-free methods.
         category: position category (``all`` or a task's category label).
         metric: metric name (``agreement``, ``kl``, ...).
-        value: point estimate.
+        value: point estimate (NaN where undefined).
         ci_low, ci_high: bootstrap interval (NaN when not computed).
-        n_positions: scored positions behind the value.
+        n_positions: scored positions (or real tokens, for hook metrics) behind the value.
         n_sequences: sequences behind the value.
-        hook: hook the metric refers to (``explained_variance``, ``attn_agreement``), else empty.
+        hook: hook a hook metric refers to (``explained_variance``, ``attn_agreement``), else empty.
         hooks: every hook the proxy simplifies, joined by ``+``.
     """
 
@@ -61,7 +64,7 @@ class Record:
 
 @dataclass(frozen=True)
 class Gap:
-    """metric(id_split) - metric(ood_split) for one proxy, with a bootstrap interval."""
+    """metric(id_split) - metric(ood_split) for one proxy (and hook, for hook metrics), with a bootstrap interval."""
 
     proxy: str
     method: str
@@ -73,6 +76,18 @@ class Gap:
     value: float
     ci_low: float
     ci_high: float
+    hook: str = ""
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How to read a metric: its title, whether higher is more faithful (``None``: not a faithfulness
+    measure), and whether it is scored at positions (``"positions"``) or at hooks (``"hooks"``)."""
+
+    name: str
+    title: str
+    higher_is_better: bool | None
+    scope: str
 
 
 def _clean(value: Any) -> Any:
@@ -80,20 +95,59 @@ def _clean(value: Any) -> Any:
 
 
 def _restore(value: Any) -> float:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"expected a number or null, got {value!r}")
     return float("nan") if value is None else float(value)
 
 
-@dataclass
-class Results:
-    """Records, gaps, run metadata and figure data from one evaluation."""
+_TYPES = {"str": str, "int": int, "int | None": (int, type(None)), "float": float}
 
-    records: list[Record] = field(default_factory=list)
-    gaps: list[Gap] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
+
+def _row(cls: type, data: Any) -> Any:
+    """A frozen record of ``cls`` from a JSON object, checking every field's type."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected an object, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise TypeError(f"unknown field(s) {sorted(unknown)}")
+    values = {}
+    for name, value in data.items():
+        kind = known[name].type
+        if kind == "float":
+            values[name] = _restore(value)
+        elif kind in _TYPES and (not isinstance(value, _TYPES[kind]) or isinstance(value, bool)):
+            raise TypeError(f"field {name!r} should be {kind}, got {value!r}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Results:
+    """Records, gaps, metric descriptions and run metadata from one evaluation. Immutable: derive new ones
+    with :meth:`with_meta`."""
+
+    records: tuple[Record, ...] = ()
+    gaps: tuple[Gap, ...] = ()
+    metrics: tuple[MetricInfo, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "records", tuple(self.records))
+        object.__setattr__(self, "gaps", tuple(self.gaps))
+        object.__setattr__(self, "metrics", tuple(self.metrics))
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def __repr__(self) -> str:
+        return (f"<Results: {len(self.records)} records, {len(self.gaps)} gaps; splits {', '.join(self.splits)}; "
+                f"{len(self.proxies)} proxies; metrics {', '.join(self.metric_names)}>")
+
+    def with_meta(self, **entries: Any) -> Results:
+        """A copy whose metadata also holds ``entries``."""
+        return dataclasses.replace(self, meta={**self.meta, **entries})
 
     def select(self, **criteria: Any) -> list[Record]:
         """Records whose fields equal every given criterion, e.g. ``select(metric="kl", split="test")``."""
@@ -112,6 +166,18 @@ class Results:
     def proxies(self) -> list[str]:
         """Proxy names in first-seen order."""
         return list(dict.fromkeys(r.proxy for r in self.records))
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Metric names: described ones first, then any other found in the records."""
+        return list(dict.fromkeys([m.name for m in self.metrics] + [r.metric for r in self.records]))
+
+    def metric_info(self, name: str) -> MetricInfo:
+        """The description of metric ``name`` (a plain one when the results carry none)."""
+        for info in self.metrics:
+            if info.name == name:
+                return info
+        return MetricInfo(name, name, None, "positions")
 
     def value(self, split: str, proxy: str, metric: str, category: str = "all") -> float:
         """The point estimate for one cell."""
@@ -134,20 +200,31 @@ class Results:
 
     def headline(self, target: float = AGREEMENT_TARGET, id_split: str = "test") -> list[dict[str, Any]]:
         """Per swept family (method and hooks): the smallest size reaching ``target`` agreement on
-        ``id_split``, its agreement there and on every OOD split. A family that never reaches the
-        target reports its best size with ``reached=False``."""
+        ``id_split``, with every position metric of that proxy on every split (``values[metric][split]``).
+
+        A family that never reaches the target reports its best size with ``reached=False``.
+        """
         rows = []
         id_records = [r for r in self.select(metric="agreement", split=id_split, category="all") if r.size is not None]
         for method, hooks in dict.fromkeys((r.method, r.hooks) for r in id_records):
             family = sorted((r for r in id_records if (r.method, r.hooks) == (method, hooks)), key=lambda r: r.size)
             reaching = [r for r in family if r.value >= target]
             chosen = reaching[0] if reaching else max(family, key=lambda r: r.value)
-            ood = {r.split: r.value for r in self.select(metric="agreement", proxy=chosen.proxy, category="all")
-                   if r.role == "ood"}
+            values: dict[str, dict[str, float]] = {}
+            for r in self.select(proxy=chosen.proxy, category="all", hook=""):
+                values.setdefault(r.metric, {})[r.split] = r.value
             rows.append({"method": method, "hooks": hooks, "proxy": chosen.proxy, "size": chosen.size,
-                         "reached": bool(reaching), "id_agreement": chosen.value, "ood_agreement": ood})
+                         "reached": bool(reaching), "id_agreement": chosen.value,
+                         "ood_agreement": {s: v for s, v in values["agreement"].items()
+                                           if s in self.splits_with_role("ood")},
+                         "values": values})
         return rows
 
+    def splits_with_role(self, role: str) -> list[str]:
+        """Split names whose role is ``role``, in first-seen order."""
+        return list(dict.fromkeys(r.split for r in self.records if r.role == role))
+
+    # -- files -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The versioned JSON document (NaN stored as null)."""
         return {
@@ -155,37 +232,42 @@ class Results:
             "schema_version": SCHEMA_VERSION,
             "records": [{k: _clean(v) for k, v in asdict(r).items()} for r in self.records],
             "gaps": [{k: _clean(v) for k, v in asdict(g).items()} for g in self.gaps],
-            "meta": self.meta,
-            "extras": self.extras,
+            "metrics": [asdict(m) for m in self.metrics],
+            "meta": dict(self.meta),
         }
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the JSON document atomically; returns the path."""
-        if not self.records:
-            raise IllusionProbeError("refusing to write an empty results set; evaluate at least one split and proxy")
+        _require_records(self.records)
         write_json(path, self.to_dict())
         return Path(path)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "results") -> Results:
-        """Inverse of :meth:`to_dict`; refuses other schemas and versions."""
-        if data.get("schema") != SCHEMA:
-            raise ArtifactError(f"{source}: not an illusion-probe results file (schema {data.get('schema')!r})")
+    def from_dict(cls, data: Any, source: str = "results") -> Results:
+        """Inverse of :meth:`to_dict`; refuses other schemas, versions and malformed entries in one line."""
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ArtifactError(f"{source}: not an illusion-probe results file (schema {found!r})")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ArtifactError(
                 f"{source}: results schema version {data.get('schema_version')!r} is not supported "
                 f"(this illusion-probe reads {SCHEMA_VERSION}); re-run the evaluation with this version"
             )
-        floats = ("value", "ci_low", "ci_high")
-        try:
-            records = [Record(**{k: _restore(v) if k in floats else v for k, v in r.items()})
-                       for r in data.get("records", [])]
-            gaps = [Gap(**{k: _restore(v) if k in floats else v for k, v in g.items()}) for g in data.get("gaps", [])]
-        except TypeError as err:
-            raise ArtifactError(f"{source}: malformed record ({err})") from None
-        if not records:
+        parts: dict[str, list[Any]] = {}
+        for key, kind in (("records", Record), ("gaps", Gap), ("metrics", MetricInfo)):
+            entries = data.get(key, [])
+            if not isinstance(entries, list):
+                raise ArtifactError(f"{source}: {key!r} should be a list, got {type(entries).__name__}")
+            try:
+                parts[key] = [_row(kind, entry) for entry in entries]
+            except TypeError as err:
+                raise ArtifactError(f"{source}: malformed entry in {key!r} ({err})") from None
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{source}: 'meta' should be an object, got {type(meta).__name__}")
+        if not parts["records"]:
             raise ArtifactError(f"{source}: the results set is empty; nothing to report")
-        return cls(records=records, gaps=gaps, meta=dict(data.get("meta", {})), extras=dict(data.get("extras", {})))
+        return cls(records=parts["records"], gaps=parts["gaps"], metrics=parts["metrics"], meta=meta)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Results:
@@ -194,8 +276,7 @@ class Results:
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         """The records as CSV text; also written atomically to ``path`` when given."""
-        if not self.records:
-            raise IllusionProbeError("refusing to write an empty results set; evaluate at least one split and proxy")
+        _require_records(self.records)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(Record)], lineterminator="\n")
         writer.writeheader()
@@ -203,3 +284,8 @@ class Results:
         if path is not None:
             atomic_write_text(path, buffer.getvalue())
         return buffer.getvalue()
+
+
+def _require_records(records: Iterable[Record]) -> None:
+    if not records:
+        raise IllusionProbeError("refusing to write an empty results set; evaluate at least one split and proxy")

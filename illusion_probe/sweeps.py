@@ -1,4 +1,4 @@
-"""Sweeps: one proxy per rank or cluster count, all evaluated together."""
+"""Sweeps: one proxy per size (rank, cluster count, ...) of one simplifier family, all evaluated together."""
 
 from __future__ import annotations
 
@@ -40,14 +40,14 @@ def sweep_proxies(
     n_sequences: int = 1000,
     **options: Any,
 ) -> dict[str, Proxy]:
-    """Fit one proxy per size, each simplifying every hook in ``hooks`` with ``method``.
+    """Fit one proxy per size, each simplifying every hook in ``hooks`` with the registered family ``method``.
 
     Args:
         model: the hooked model.
         fit_split: the split the simplifiers are fit on (role ``train``).
         hooks: hook names (legacy or canonical).
-        method: simplifier family: ``pca``, ``svd``, ``kmeans``, ``onehot_attention``, ``zero_ablation``, ...
-        sizes: ranks or cluster counts; ``(None,)`` for size-free methods.
+        method: a registered simplifier (``pca``, ``svd``, ``kmeans``, ``onehot_attention``, a user's own, ...).
+        sizes: values of the family's size option (ranks, cluster counts); ``(None,)`` for size-free families.
         n_sequences: sequences of ``fit_split`` to fit on.
         options: further constructor options for the simplifier (e.g. ``seed`` for k-means).
     """

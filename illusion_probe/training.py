@@ -19,9 +19,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from illusion_probe.backends import Backend
+from illusion_probe.config import check_types
 from illusion_probe.errors import require
-from illusion_probe.models import resolve_device
-from illusion_probe.tasks.base import Split, SplitSet, Task
+from illusion_probe.tasks.base import Split, SplitSet, Task, check_tokens
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear")
 
@@ -44,8 +45,9 @@ class TrainConfig:
         eval_sequences: sequences of each split used by evaluation during training (the first ones).
         target_test_acc: stop once ``test`` accuracy reaches this; ``None`` trains all ``max_steps``.
         seed: seeds the batch order.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``; the model is moved there.
         progress: show a progress bar.
+
+    Training runs on the model's device (``ModelConfig.device``).
     """
 
     lr: float = 1e-3
@@ -61,10 +63,10 @@ class TrainConfig:
     eval_sequences: int = 1_000
     target_test_acc: float | None = None
     seed: int = 0
-    device: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "eval_sequences"):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"TrainConfig.{name} must be a positive integer, got {value!r}")
@@ -77,7 +79,6 @@ class TrainConfig:
         require(self.grad_clip >= 0, f"TrainConfig.grad_clip must be >= 0, got {self.grad_clip}")
         require(self.target_test_acc is None or 0 < self.target_test_acc <= 1,
                 f"TrainConfig.target_test_acc must be in (0, 1] or None, got {self.target_test_acc}")
-        require(isinstance(self.seed, int), f"TrainConfig.seed must be an integer, got {self.seed!r}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimiser step ``step`` (0-based)."""
@@ -104,20 +105,20 @@ def accuracy(
     max_sequences: int | None = None,
 ) -> float:
     """Share of scored positions (``split.eval_mask``) where :func:`predict` equals the target."""
-    device = next(model.parameters()).device
+    backend = Backend.of(model)
     subset = split if max_sequences is None else split.head(max_sequences)
     correct = total = 0
     for batch in subset.batches(batch_size):
-        batch = batch.to(device)
-        hit = predict(model(batch.tokens), answer_ids) == batch.targets
+        batch = batch.to(backend.device)
+        hit = predict(backend.logits(batch.tokens, batch.real_mask), answer_ids) == batch.targets
         correct += int((hit & batch.eval_mask).sum())
         total += int(batch.eval_mask.sum())
     return correct / max(total, 1)
 
 
-def lm_loss(model: torch.nn.Module, batch: Split) -> Tensor:
+def lm_loss(backend: Backend, batch: Split) -> Tensor:
     """Mean next-token cross-entropy over ``batch.lm_mask``."""
-    logits = model(batch.tokens)
+    logits = backend.logits(batch.tokens, batch.real_mask)
     mask = batch.lm_mask[:, :-1]
     return F.cross_entropy(logits[:, :-1][mask], batch.tokens[:, 1:][mask])
 
@@ -126,16 +127,15 @@ def _check(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig, task: Tas
     require("train" in splits, f"train needs a 'train' split; got {', '.join(splits)}")
     require(cfg.target_test_acc is None or "test" in splits,
             "TrainConfig.target_test_acc needs a 'test' split to watch")
-    model_cfg = getattr(model, "cfg", None)
-    require(model_cfg is not None, f"train needs a TransformerLens model with .cfg, got {type(model).__name__}")
-    require(splits.max_len <= model_cfg.n_ctx,
-            f"the model's n_ctx={model_cfg.n_ctx} is shorter than the longest sequence in the splits "
+    backend = Backend.of(model)
+    require(splits.max_len <= backend.n_ctx,
+            f"the model's n_ctx={backend.n_ctx} is shorter than the longest sequence in the splits "
             f"({splits.max_len}); build the model from the task so n_ctx fits")
-    top = max(int(s.tokens.max()) for s in splits.values())
-    require(top < model_cfg.d_vocab, f"token id {top} is outside the model's d_vocab={model_cfg.d_vocab}")
+    for split in splits.values():
+        check_tokens(split.tokens, backend.d_vocab, backend.n_ctx, f"split {split.name!r}")
     if task is not None:
-        require(int(task.answer_ids.max()) < model_cfg.d_vocab,
-                f"the task's answer ids exceed the model's d_vocab={model_cfg.d_vocab}")
+        require(int(task.answer_ids.max()) < backend.d_vocab_out,
+                f"the task's answer ids exceed the model's output vocabulary ({backend.d_vocab_out})")
 
 
 def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = None,
@@ -143,7 +143,7 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
     """Train ``model`` in place on ``splits["train"]``.
 
     Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge``; moved to ``cfg.device``.
+        model: a ``HookedTransformer`` or ``TransformerBridge``; trained where it is.
         splits: must hold ``train``; every split is evaluated every ``cfg.eval_every`` steps.
         cfg: settings; defaults to ``TrainConfig()``.
         task: when given, accuracy is the argmax over ``task.answer_ids`` at scored positions;
@@ -155,9 +155,11 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
         excluded), ``wall_time_s`` and ``acc`` (split name -> accuracy).
     """
     cfg = cfg or TrainConfig()
+    require(isinstance(cfg, TrainConfig), f"train: cfg must be an ip.TrainConfig, got {type(cfg).__name__}")
+    require(isinstance(splits, SplitSet), f"train: splits must be an ip.SplitSet, got {type(splits).__name__}")
     _check(model, splits, cfg, task)
-    device = resolve_device(cfg.device)
-    model.to(device)
+    backend = Backend.of(model)
+    device = backend.device
     answer_ids = None if task is None else task.answer_ids
     train_split = splits["train"]
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -177,7 +179,7 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
             model.train()
-            loss = lm_loss(model, train_split.select(index).to(device))
+            loss = lm_loss(backend, train_split.select(index).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

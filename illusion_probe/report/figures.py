@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
@@ -12,16 +12,10 @@ from plotly.subplots import make_subplots
 
 from illusion_probe.results import Record, Results
 
+if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
+    from illusion_probe.analysis.projection import Projection
+
 PALETTE = qualitative.Plotly
-METRIC_TITLES = {
-    "agreement": "agreement with model",
-    "kl": "KL(model ‖ proxy)",
-    "acc_proxy": "proxy accuracy",
-    "acc_model": "model accuracy",
-    "ce_score": "CE score",
-    "explained_variance": "explained variance",
-    "attn_agreement": "attention argmax agreement",
-}
 
 
 def _finite(x: float) -> bool:
@@ -80,7 +74,7 @@ def sweep_figure(results: Results, metrics: Sequence[str] = ("agreement", "kl"),
             sizes = sorted({r.size for r in results.records if (r.method, r.hooks) == (method, hooks) and r.size})
             fig.update_xaxes(type="log", tickvals=sizes, title_text="rank / clusters" if row == len(metrics) else None,
                              row=row, col=col)
-            fig.update_yaxes(title_text=METRIC_TITLES.get(metric, metric) if col == 1 else None, row=row, col=col)
+            fig.update_yaxes(title_text=results.metric_info(metric).title if col == 1 else None, row=row, col=col)
     fig.update_layout(height=330 * len(metrics), title="Faithfulness against proxy size (dashed: OOD splits)",
                       legend_title_text="split", template="plotly_white")
     return fig
@@ -90,15 +84,18 @@ def accuracy_figure(results: Results, proxies: Sequence[str]) -> go.Figure:
     """Model accuracy and the accuracy of chosen proxies on every split (bars with 95% intervals)."""
     fig = go.Figure()
     splits = results.splits
-    first = proxies[0] if proxies else None
-    model = [results.select(metric="acc_model", split=s, proxy=first, category="all")[0] for s in splits] if first else []
+
+    def bars(metric: str, proxy: str) -> list[Record]:
+        return [r for s in splits for r in results.select(metric=metric, split=s, proxy=proxy, category="all")]
+
+    model = bars("acc_model", proxies[0]) if proxies else []
     if model:
-        fig.add_trace(go.Bar(x=splits, y=[r.value for r in model], error_y=_error_bars(model), name="model",
-                             marker_color="#222222"))
+        fig.add_trace(go.Bar(x=[r.split for r in model], y=[r.value for r in model], error_y=_error_bars(model),
+                             name="model", marker_color="#222222"))
     for i, proxy in enumerate(proxies):
-        recs = [results.select(metric="acc_proxy", split=s, proxy=proxy, category="all")[0] for s in splits]
-        fig.add_trace(go.Bar(x=splits, y=[r.value for r in recs], error_y=_error_bars(recs), name=proxy,
-                             marker_color=PALETTE[i % len(PALETTE)]))
+        recs = bars("acc_proxy", proxy)
+        fig.add_trace(go.Bar(x=[r.split for r in recs], y=[r.value for r in recs], error_y=_error_bars(recs),
+                             name=proxy, marker_color=PALETTE[i % len(PALETTE)]))
     fig.update_layout(barmode="group", title="Task accuracy of the model and of each proxy, per split",
                       yaxis_title="accuracy", template="plotly_white", height=420)
     return fig
@@ -115,7 +112,7 @@ def category_figure(results: Results, proxies: Sequence[str], metric: str = "agr
         fig.add_trace(go.Heatmap(z=z, x=categories, y=results.splits, zmin=0, zmax=1, colorscale="Viridis",
                                  showscale=(col == len(proxies)), texttemplate="%{z:.3f}",
                                  hovertemplate="%{y} / %{x}: %{z:.4f}<extra></extra>"), row=1, col=col)
-    fig.update_layout(title=f"{METRIC_TITLES.get(metric, metric)} by split and position category",
+    fig.update_layout(title=f"{results.metric_info(metric).title} by split and position category",
                       template="plotly_white", height=140 + 45 * len(results.splits))
     return fig
 
@@ -125,25 +122,20 @@ def _cell(results: Results, split: str, proxy: str, metric: str, category: str) 
     return found[0].value if found and _finite(found[0].value) else None
 
 
-def projection_figure(projection: dict[str, Any]) -> go.Figure:
-    """Keys and queries of one head on their top two principal components, coloured by depth.
-
-    ``projection`` holds ``title`` and ``panels``: a list of ``{split, kind, x, y, depth}`` with
-    ``kind`` in ``{"key", "query"}`` (as written by :func:`illusion_probe.projection.key_query_projection`).
-    """
-    panels = projection["panels"]
-    splits = list(dict.fromkeys(p["split"] for p in panels))
-    kinds = list(dict.fromkeys(p["kind"] for p in panels))
+def projection_figure(projection: Projection) -> go.Figure:
+    """Keys and queries of one head on their top two principal components, coloured by depth."""
+    panels = projection.panels
+    splits = list(dict.fromkeys(p.split for p in panels))
+    kinds = list(dict.fromkeys(p.kind for p in panels))
     fig = make_subplots(rows=len(kinds), cols=len(splits), column_titles=splits, row_titles=kinds,
                         shared_xaxes=True, shared_yaxes=True, horizontal_spacing=0.03, vertical_spacing=0.06)
-    depth_max = max((max(p["depth"]) for p in panels if p["depth"]), default=1)
+    depth_max = max((max(p.depth) for p in panels if p.depth), default=1)
     for panel in panels:
         fig.add_trace(go.Scattergl(
-            x=panel["x"], y=panel["y"], mode="markers", showlegend=False,
-            marker={"size": 4, "color": panel["depth"], "colorscale": "Turbo", "cmin": 0, "cmax": depth_max,
+            x=list(panel.x), y=list(panel.y), mode="markers", showlegend=False,
+            marker={"size": 4, "color": list(panel.depth), "colorscale": "Turbo", "cmin": 0, "cmax": depth_max,
                     "showscale": panel is panels[0], "colorbar": {"title": "depth"}, "opacity": 0.7},
             hovertemplate="depth %{marker.color}<extra></extra>",
-        ), row=kinds.index(panel["kind"]) + 1, col=splits.index(panel["split"]) + 1)
-    fig.update_layout(title=projection.get("title", "keys and queries, top two principal components"),
-                      template="plotly_white", height=300 * len(kinds) + 80)
+        ), row=kinds.index(panel.kind) + 1, col=splits.index(panel.split) + 1)
+    fig.update_layout(title=projection.title, template="plotly_white", height=300 * len(kinds) + 80)
     return fig

@@ -1,4 +1,8 @@
-"""One self-contained HTML report (plotly.js inlined, opens offline) from saved results."""
+"""One self-contained HTML report (plotly.js inlined, opens offline) from saved results.
+
+Every metric the results describe appears in the report, with no edit here: the gap table reads
+each metric's direction from the results, and the full table lists every metric.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,15 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from illusion_probe.artifacts import atomic_write_text
 from illusion_probe.errors import IllusionProbeError
 from illusion_probe.report.figures import accuracy_figure, category_figure, projection_figure, sweep_figure
-from illusion_probe.results import Results
+from illusion_probe.results import Gap, Results
+
+if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
+    from illusion_probe.analysis.projection import Projection
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1200px;
@@ -20,7 +28,8 @@ h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid 
 table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: right; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-.bad { color: #b00020; font-weight: 600; } .note { color: #555; font-size: 0.9rem; }
+.worse { color: #b00020; font-weight: 600; } .better { color: #1b5e20; font-weight: 600; }
+.note { color: #555; font-size: 0.9rem; } summary { cursor: pointer; font-weight: 600; margin: 1rem 0; }
 pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.8rem; }
 """
 
@@ -45,10 +54,10 @@ def featured_proxies(results: Results) -> list[str]:
 
 
 def _headline_section(results: Results) -> str:
-    ood = [s for s in results.splits if results.select(split=s, role="ood")]
+    ood = results.splits_with_role("ood")
     rows = []
     for row in results.headline():
-        size = str(row["size"]) if row["reached"] else f"<span class='bad'>none reaches 99%</span> (best: {row['size']})"
+        size = str(row["size"]) if row["reached"] else f"<span class='worse'>none reaches 99%</span> (best: {row['size']})"
         cells = [html.escape(row["method"]), html.escape(row["hooks"]), size, _fmt(row["id_agreement"])]
         cells += [_fmt(row["ood_agreement"].get(s)) for s in ood]
         rows.append(cells)
@@ -57,22 +66,49 @@ def _headline_section(results: Results) -> str:
     return _table(["method", "hooks", "smallest size with ≥99% test agreement", "test agreement", *ood], rows)
 
 
+def _direction(results: Results, gap: Gap) -> str:
+    """``worse`` / ``better`` when the interval says the proxy is less / more faithful out of distribution."""
+    higher_is_better = results.metric_info(gap.metric).higher_is_better
+    if higher_is_better is None or not (math.isfinite(gap.ci_low) and (gap.ci_low > 0 or gap.ci_high < 0)):
+        return ""
+    return "worse" if (gap.ci_low > 0) == higher_is_better else "better"
+
+
 def _gap_section(results: Results, proxies: list[str]) -> str:
     rows = []
     for gap in results.gaps:
-        if gap.proxy in proxies and gap.category == "all" and gap.metric in ("agreement", "kl", "acc_proxy"):
-            excludes_zero = math.isfinite(gap.ci_low) and (gap.ci_low > 0 or gap.ci_high < 0)
-            value = _fmt(gap.value)
-            rows.append([html.escape(gap.proxy), gap.metric, f"{gap.id_split} − {gap.ood_split}",
-                         f"<span class='bad'>{value}</span>" if excludes_zero else value,
+        if gap.proxy in proxies and gap.category == "all" and results.metric_info(gap.metric).higher_is_better is not None:
+            direction = _direction(results, gap)
+            value = f"<span class='{direction}'>{_fmt(gap.value)}</span>" if direction else _fmt(gap.value)
+            rows.append([html.escape(gap.proxy), html.escape(results.metric_info(gap.metric).title),
+                         html.escape(gap.hook), f"{gap.id_split} − {gap.ood_split}", value,
                          f"[{_fmt(gap.ci_low)}, {_fmt(gap.ci_high)}]"])
     if not rows:
         return "<p class='note'>No in-distribution and OOD split pair to compare.</p>"
-    note = "<p class='note'>Gap = ID value − OOD value; bold red where the 95% interval excludes 0.</p>"
-    return note + _table(["proxy", "metric", "splits", "gap", "95% interval"], rows)
+    note = ("<p class='note'>Gap = ID value − OOD value. Red: the 95% interval says the proxy is less faithful out of "
+            "distribution (for KL, where lower is better, that is a negative gap); green: more faithful.</p>")
+    return note + _table(["proxy", "metric", "hook", "splits", "gap", "95% interval"], rows)
 
 
-def render_report(results: Results, title: str = "illusion-probe report") -> str:
+def _metrics_section(results: Results, proxies: list[str]) -> str:
+    """Every metric of the featured proxies on every split (category ``all``), value and interval."""
+    splits = results.splits
+    rows = []
+    for proxy in proxies:
+        for metric in results.metric_names:
+            hooks = dict.fromkeys(r.hook for r in results.select(proxy=proxy, metric=metric, category="all"))
+            for hook in hooks:
+                cells = []
+                for split in splits:
+                    found = results.select(proxy=proxy, metric=metric, category="all", split=split, hook=hook)
+                    cells.append(f"{_fmt(found[0].value)} [{_fmt(found[0].ci_low, 3)}, {_fmt(found[0].ci_high, 3)}]"
+                                 if found else "–")
+                rows.append([html.escape(proxy), html.escape(results.metric_info(metric).title), html.escape(hook),
+                             *cells])
+    return _table(["proxy", "metric", "hook", *splits], rows)
+
+
+def render_report(results: Results, title: str = "illusion-probe report", projection: Projection | None = None) -> str:
     """The report as one HTML string with plotly.js inlined."""
     from plotly.offline import get_plotlyjs
 
@@ -81,15 +117,15 @@ def render_report(results: Results, title: str = "illusion-probe report") -> str
     featured = featured_proxies(results)
     figures = [("Faithfulness against proxy size", sweep_figure(results)),
                ("Accuracy per split", accuracy_figure(results, featured))]
-    if "projection" in results.extras:
-        figures.append(("Keys and queries of the analysed head", projection_figure(results.extras["projection"])))
+    if projection is not None:
+        figures.append(("Keys and queries of the analysed head", projection_figure(projection)))
     by_category = category_figure(results, featured)
     if by_category is not None:
         figures.append(("Agreement by position category", by_category))
     sections = [f"<h2>{html.escape(name)}</h2>" + fig.to_html(full_html=False, include_plotlyjs=False,
                                                               config={"responsive": True})
                 for name, fig in figures]
-    provenance = json.dumps(results.meta, indent=2, sort_keys=True, default=str)
+    provenance = json.dumps(dict(results.meta), indent=2, sort_keys=True, default=str)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>
@@ -99,12 +135,14 @@ Intervals are 95% bootstrap intervals over sequences.</p>
 <h2>Headline</h2>{_headline_section(results)}
 {''.join(sections)}
 <h2>Generalization gaps</h2>{_gap_section(results, featured)}
-<h2>Provenance</h2><pre>{html.escape(provenance)}</pre>
+<details><summary>Every metric of these proxies, per split</summary>{_metrics_section(results, featured)}</details>
+<details><summary>Provenance</summary><pre>{html.escape(provenance)}</pre></details>
 </body></html>
 """
 
 
-def write_report(results: Results, path: str | os.PathLike, title: str = "illusion-probe report") -> Path:
+def write_report(results: Results, path: str | os.PathLike, title: str = "illusion-probe report",
+                 projection: Projection | None = None) -> Path:
     """Write the self-contained HTML report to ``path`` atomically; returns the path."""
-    atomic_write_text(path, render_report(results, title=title))
+    atomic_write_text(path, render_report(results, title=title, projection=projection))
     return Path(path)

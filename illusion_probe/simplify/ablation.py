@@ -11,9 +11,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from illusion_probe.registry import register_simplifier
 from illusion_probe.simplify.base import FittedSimplifier, Simplifier
 
 
+@register_simplifier
 class ZeroAblation(Simplifier):
     """Replace the activation by zeros (data-free; works at any hook)."""
 
@@ -27,26 +29,27 @@ class ZeroAblation(Simplifier):
         return torch.zeros_like(act)
 
 
+@register_simplifier
 class MeanAblation(FittedSimplifier):
     """Replace the activation by its mean over the fitted samples (per head with ``per_head=True``)."""
 
     method: ClassVar[str] = "mean_ablation"
 
-    def _reset(self, shape: tuple[int, int], device: torch.device) -> None:
+    def start(self, shape: tuple[int, int], device: torch.device) -> None:
         self._sum = torch.zeros(shape, dtype=torch.float64, device=device)
 
-    def _accumulate(self, x: Tensor) -> None:
+    def accumulate(self, x: Tensor) -> None:
         self._sum += x.to(torch.float64).sum(dim=0)
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
         self.mean = (self._sum / self._n_seen).to(torch.float32)
         del self._sum
 
-    def _tensors(self) -> dict[str, Tensor]:
+    def tensors(self) -> dict[str, Tensor]:
         return {"mean": self.mean}
 
-    def _set_tensors(self, state: dict[str, Tensor]) -> None:
+    def set_tensors(self, state: dict[str, Tensor]) -> None:
         self.mean = state["mean"]
 
-    def _apply(self, x: Tensor) -> Tensor:
+    def apply(self, x: Tensor) -> Tensor:
         return self.derived(x)["mean"].expand_as(x).clone()

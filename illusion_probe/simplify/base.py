@@ -5,19 +5,20 @@ shape, dtype and device, so ``model.run_with_hooks(tokens, fwd_hooks=[(name,
 simplifier)])`` works with no glue. Data-free simplifiers (one-hot attention,
 zero ablation) subclass :class:`Simplifier` directly; simplifiers fitted on
 activations subclass :class:`FittedSimplifier`, which streams batches through
-``partial_fit`` and freezes its state in ``finalize``.
+``partial_fit`` and freezes its state in ``finalize``. Register a simplifier
+class with ``@ip.register_simplifier`` and it is saved, loaded, swept and
+compared like the built-ins.
 
 Sample layout. The last dimension is the feature dimension and every leading
 dimension is a sample. Per-head activations ``[batch, pos, head, d_head]``
 are fitted head by head with ``per_head=True`` (one state per head, exactly as
 fitting each head alone) or jointly with ``per_head=False`` (feature dimension
-``head * d_head``). Internally every input becomes ``[n, group, feature]``
-with ``group = head`` (per head) or ``1``.
+``head * d_head``). Inside the fitting protocol every input is ``[n, group,
+feature]`` with ``group = head`` (per head) or ``1``.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -27,31 +28,15 @@ from torch import Tensor
 
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import is_attention_pattern
-
-#: ``method`` name -> (module, class) of every simplifier family, for rebuilding from a config.
-METHODS: dict[str, tuple[str, str]] = {
-    "pca": ("illusion_probe.simplify.pca", "PCA"),
-    "svd": ("illusion_probe.simplify.pca", "SVD"),
-    "kmeans": ("illusion_probe.simplify.kmeans", "KMeans"),
-    "onehot_attention": ("illusion_probe.simplify.attention", "OneHotAttention"),
-    "zero_ablation": ("illusion_probe.simplify.ablation", "ZeroAblation"),
-    "mean_ablation": ("illusion_probe.simplify.ablation", "MeanAblation"),
-}
-
-
-def simplifier_class(method: str) -> type[Simplifier]:
-    """The class implementing ``method`` (``"pca"``, ``"kmeans"``, ...)."""
-    if method not in METHODS:
-        raise IllusionProbeError(f"unknown simplifier method {method!r}; choose one of {', '.join(METHODS)}")
-    module, name = METHODS[method]
-    return getattr(importlib.import_module(module), name)
+from illusion_probe.registry import SIMPLIFIERS
 
 
 class Simplifier(ABC):
     """A hook function ``(activation, hook) -> simplified activation`` with a JSON config.
 
-    Subclasses set ``method`` and ``size_option`` (the constructor argument that
-    :attr:`size` reports: ``"rank"``, ``"n_clusters"`` or ``None``).
+    Subclasses set ``method`` (the registered name) and ``size_option`` (the constructor
+    argument that :attr:`size` reports and sweeps vary: ``"rank"``, ``"n_clusters"`` or ``None``),
+    and implement :meth:`options` (constructor arguments as JSON) and ``__call__``.
     """
 
     method: ClassVar[str]
@@ -67,7 +52,7 @@ class Simplifier(ABC):
 
     @property
     def size(self) -> int | None:
-        """The sweep size: rank for PCA/SVD, cluster count for k-means, ``None`` otherwise."""
+        """The sweep size (rank, cluster count, ...), ``None`` for size-free simplifiers."""
         return None if self.size_option is None else getattr(self, self.size_option)
 
     def options(self) -> dict[str, Any]:
@@ -86,27 +71,24 @@ class Simplifier(ABC):
     # -- construction ---------------------------------------------------------------
     @classmethod
     def create(cls, method: str, size: int | None = None, **options: Any) -> Simplifier:
-        """A fresh unfitted simplifier of family ``method`` at ``size`` (rank / cluster count)."""
-        target = simplifier_class(method)
+        """A fresh unfitted simplifier of the registered family ``method`` at ``size``."""
+        return SIMPLIFIERS.get(method)._with_size(size, options)
+
+    @classmethod
+    def _with_size(cls, size: int | None, options: dict[str, Any]) -> Simplifier:
         if size is not None:
-            require(target.size_option is not None, f"simplifier {method!r} has no size; pass size=None")
-            options[target.size_option] = size
-        return target(**options)
+            require(cls.size_option is not None, f"simplifier {cls.method!r} has no size; pass size=None")
+            options = {**options, cls.size_option: size}
+        return cls(**options)
 
     def unfitted(self, size: int | None = None, **changes: Any) -> Simplifier:
-        """A fresh unfitted copy with the same options, optionally at another ``size`` or with ``changes``.
-
-        Built from ``type(self)``, so user-defined subclasses work without registration.
-        """
-        options = {**self.options(), **changes}
-        if size is not None:
-            require(self.size_option is not None, f"simplifier {self.method!r} has no size; pass size=None")
-            options[self.size_option] = size
-        return type(self)(**options)
+        """A fresh unfitted copy with the same options, optionally at another ``size`` or with ``changes``."""
+        return type(self)._with_size(size, {**self.options(), **changes})
 
     def config(self) -> dict[str, Any]:
-        """JSON config: ``method``, constructor options and (once fitted) the fitted shape."""
-        return {"method": self.method, "options": self.options(), **self._fitted_config()}
+        """JSON config: ``method``, the defining ``module``, constructor options and (once fitted) the fitted shape."""
+        return {"method": self.method, "module": type(self).__module__, "options": self.options(),
+                **self._fitted_config()}
 
     def _fitted_config(self) -> dict[str, Any]:
         return {}
@@ -117,8 +99,13 @@ class Simplifier(ABC):
 
     @classmethod
     def from_state(cls, config: dict[str, Any], state: dict[str, Tensor]) -> Simplifier:
-        """Rebuild a fitted simplifier from :meth:`config` and :meth:`state_dict`."""
-        simplifier = cls.create(config["method"], **config["options"])
+        """Rebuild a fitted simplifier from :meth:`config` and :meth:`state_dict`.
+
+        The family must be registered: a user's simplifier is, once the module defining it is imported.
+        """
+        module = config.get("module") or "the module that defines it"
+        target = SIMPLIFIERS.get(config["method"], fix=f"import {module} (which registers it) before loading")
+        simplifier = target(**config["options"])
         simplifier._load_state(config, state)
         return simplifier
 
@@ -149,8 +136,8 @@ class Simplifier(ABC):
         require(not is_attention_pattern(hook_name),
                 f"{self.describe()} cannot simplify the attention pattern {hook_name!r}; use OneHotAttention there")
 
-    def check_model(self, model: torch.nn.Module, hook_name: str) -> None:
-        """Raise unless editing ``hook_name`` on ``model`` takes effect (default: nothing to check)."""
+    def check_feature_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise unless the simplifier can act on activations with ``shape`` beyond ``[batch, pos]``."""
         return None
 
     @abstractmethod
@@ -161,9 +148,19 @@ class Simplifier(ABC):
 class FittedSimplifier(Simplifier):
     """A simplifier with state fitted on activations, streamed batch by batch.
 
-    Subclasses implement ``_reset``, ``_accumulate(x)``, ``_finish()``,
-    ``_apply(x)``, ``_tensors()`` and ``_set_tensors(state)``; ``x`` is always
-    ``[n, group, feature]`` (float, on the activations' device).
+    The fitting protocol. Subclasses implement six methods; ``x`` is always ``[n, group, feature]``
+    (float, on the activations' device) and every state tensor has ``group`` as its first dimension:
+
+    - ``start(shape, device)``: set up empty accumulators for samples of ``shape = (group, feature)``.
+    - ``accumulate(x)``: add one batch. Streaming statistics (PCA's Gram matrix) update here;
+      simplifiers that must see the samples together (k-means) keep a bounded, seeded
+      :class:`~illusion_probe.simplify.reservoir.Reservoir` of them here and train in ``finish``.
+    - ``finish()``: compute the frozen state from what was accumulated, then drop the accumulators.
+    - ``apply(x)``: the simplified samples, same shape and dtype as ``x``.
+    - ``tensors()`` / ``set_tensors(state)``: the frozen state as named tensors, for saving and loading.
+
+    ``check_feature_dim(feature)`` may refuse a size that cannot fit (a rank above the dimension)
+    before any data is collected.
     """
 
     needs_data: ClassVar[bool] = True
@@ -211,13 +208,23 @@ class FittedSimplifier(Simplifier):
 
     def state_dict(self) -> dict[str, Tensor]:
         require(self.is_fitted, f"{self.describe()}: not fitted; call fit() or fit_proxy() first")
-        return dict(self._tensors())
+        return dict(self.tensors())
 
     def _load_state(self, config: dict[str, Any], state: dict[str, Tensor]) -> None:
         self._shape = (int(config["fitted_shape"][0]), int(config["fitted_shape"][1]))
         self._n_seen = int(config["n_samples"])
-        self._set_tensors(state)
+        self.set_tensors(state)
         self._derived = {}
+
+    def check_feature_shape(self, shape: tuple[int, ...]) -> None:
+        require(not self.per_head or len(shape) == 2,
+                f"{self.describe()}: per_head=True needs [batch, pos, head, d_head] activations, "
+                f"got [batch, pos, {', '.join(map(str, shape))}]")
+        feature = shape[-1]
+        if not self.per_head:
+            for dim in shape[:-1]:
+                feature *= dim
+        self.check_feature_dim(feature)
 
     # -- layout -----------------------------------------------------------------------
     def _grouped(self, act: Tensor) -> Tensor:
@@ -244,6 +251,7 @@ class FittedSimplifier(Simplifier):
             grouped = grouped[mask.to(grouped.device)]
         x = grouped.reshape(-1, *grouped.shape[-2:])
         require(x.shape[0] > 0, f"{self.describe()}: no samples to fit (empty activations or an all-False mask)")
+        require(x.shape[2] > 0, f"{self.describe()}: activations have no features (feature dimension 0)")
         require(bool(torch.isfinite(x).all()), f"{self.describe()}: activations contain NaN or inf; "
                 "check the model and inputs before fitting")
         return x
@@ -256,18 +264,18 @@ class FittedSimplifier(Simplifier):
         shape = (x.shape[1], x.shape[2])
         if self._pending is None:
             self.check_feature_dim(shape[1])
-            self._reset(shape, x.device)
+            self.start(shape, x.device)
             self._pending, self._n_seen = shape, 0
         require(shape == self._pending, f"{self.describe()}: batch has (group, feature) {shape}, earlier batches "
                 f"{self._pending}; every batch must come from the same hook")
-        self._accumulate(x)
+        self.accumulate(x)
         self._n_seen += x.shape[0]
         return self
 
     def finalize(self) -> FittedSimplifier:
         """Freeze the state accumulated since the last :meth:`finalize`. Returns ``self``."""
         require(self._pending is not None, f"{self.describe()}: no samples to fit; call partial_fit() first")
-        self._finish()
+        self.finish()
         self._shape, self._pending = self._pending, None
         self._derived = {}
         return self
@@ -281,11 +289,12 @@ class FittedSimplifier(Simplifier):
         """Apply-time tensors for ``like``'s dtype and device, built once from the frozen state."""
         key = (like.dtype, like.device)
         if key not in self._derived:
-            self._derived[key] = self._derive(like.dtype, like.device)
+            self._derived[key] = self.derive(like.dtype, like.device)
         return self._derived[key]
 
-    def _derive(self, dtype: torch.dtype, device: torch.device) -> Any:
-        return {k: v.to(device=device, dtype=dtype) for k, v in self._tensors().items()}
+    def derive(self, dtype: torch.dtype, device: torch.device) -> Any:
+        """Apply-time tensors (default: the state cast to ``dtype`` on ``device``); cached by :meth:`derived`."""
+        return {k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()}
 
     def __call__(self, act: Float[Tensor, "*samples feature"], hook: Any = None) -> Float[Tensor, "*samples feature"]:
         """The simplified activation, same shape, dtype and device as ``act``."""
@@ -294,26 +303,33 @@ class FittedSimplifier(Simplifier):
         require(tuple(grouped.shape[-2:]) == self._shape,
                 f"{self.describe()}: activation {_where(hook)}has (group, feature) {tuple(grouped.shape[-2:])}, "
                 f"fitted on {self._shape}; apply it at the hook it was fitted on")
-        out = self._apply(grouped.reshape(-1, *self._shape))
+        out = self.apply(grouped.reshape(-1, *self._shape))
         return out.reshape(act.shape)
 
+    # -- the fitting protocol ----------------------------------------------------------
     @abstractmethod
-    def _reset(self, shape: tuple[int, int], device: torch.device) -> None: ...
+    def start(self, shape: tuple[int, int], device: torch.device) -> None:
+        """Set up empty accumulators for samples of ``shape = (group, feature)``."""
 
     @abstractmethod
-    def _accumulate(self, x: Tensor) -> None: ...
+    def accumulate(self, x: Float[Tensor, "n group feature"]) -> None:
+        """Add one batch of samples."""
 
     @abstractmethod
-    def _finish(self) -> None: ...
+    def finish(self) -> None:
+        """Compute the frozen state from the accumulated samples; drop the accumulators."""
 
     @abstractmethod
-    def _apply(self, x: Tensor) -> Tensor: ...
+    def apply(self, x: Float[Tensor, "n group feature"]) -> Float[Tensor, "n group feature"]:
+        """The simplified samples (same shape and dtype)."""
 
     @abstractmethod
-    def _tensors(self) -> dict[str, Tensor]: ...
+    def tensors(self) -> dict[str, Tensor]:
+        """The frozen state as named tensors (``group`` first)."""
 
     @abstractmethod
-    def _set_tensors(self, state: dict[str, Tensor]) -> None: ...
+    def set_tensors(self, state: dict[str, Tensor]) -> None:
+        """Restore the frozen state from :meth:`tensors`' output."""
 
 
 def _where(hook: Any) -> str:

@@ -5,31 +5,31 @@ the model (no grad) with capture hooks and yields ``{hook name:
 [n_tokens, *feature]}`` for that batch, so a consumer such as PCA never holds
 every activation at once. Results are keyed by the name the *user* gave: on a
 ``TransformerBridge`` the ``hook.name`` a callback sees is the canonical one.
-The forward stops after the last requested block (``stop_at_layer``).
+The forward stops after the last requested block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from operator import itemgetter
 from typing import Any
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from illusion_probe.backends import Backend
 from illusion_probe.errors import require
 from illusion_probe.hook_names import is_attention_pattern, layer_of, resolve_hook_name
-from illusion_probe.tasks.base import Split
+from illusion_probe.tasks.base import Split, check_tokens
 
 
-def _stop_layer(model: torch.nn.Module, hook_names: Sequence[str]) -> int | None:
+def _stop_layer(backend: Backend, hook_names: Sequence[str]) -> int | None:
     """The first block no requested hook needs, or ``None`` when the whole model must run."""
     layers = [layer_of(name) for name in hook_names]
     if any(layer is None for layer in layers):
         return None
     stop = max(layers) + 1  # type: ignore[type-var]
-    return stop if stop < model.cfg.n_layers else None
+    return stop if stop < backend.n_layers else None
 
 
 def collect_activations(
@@ -54,6 +54,7 @@ def collect_activations(
     Yields:
         One dict per batch; a batch with no selected position is skipped.
     """
+    backend = Backend.of(model)
     names = list(dict.fromkeys(hook_names))
     require(len(names) > 0, "collect_activations: give at least one hook name")
     for name in names:
@@ -63,45 +64,34 @@ def collect_activations(
     require(positions is None or tuple(positions.shape) == tuple(split.tokens.shape),
             f"collect_activations: positions mask has shape {tuple(positions.shape) if positions is not None else ()}"
             f", split tokens {tuple(split.tokens.shape)}")
+    require(isinstance(batch_size, int) and batch_size > 0,
+            f"collect_activations: batch_size must be a positive integer, got {batch_size!r}")
+    check_tokens(split.tokens, backend.d_vocab, backend.n_ctx, f"split {split.name!r}")
     keep = split.real_mask if positions is None else split.real_mask & positions.to(split.real_mask.device).bool()
     n = len(split) if n_sequences is None else min(n_sequences, len(split))
     require(n > 0, f"collect_activations: split {split.name!r} has no sequences to run")
-    stop = _stop_layer(model, names)
-    device = model.cfg.device
+    yield from _batches(backend, split, names, keep, n, batch_size)
+
+
+def _batches(backend: Backend, split: Split, names: list[str], keep: Tensor, n: int,
+             batch_size: int) -> Iterator[dict[str, Tensor]]:
+    stop = _stop_layer(backend, names)
+    device = backend.device
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
-        width = int(keep[rows].sum(0).nonzero().max()) + 1 if bool(keep[rows].any()) else 0
-        if width == 0:
+        if not bool(keep[rows].any()):
             continue
+        width = int(split.real_mask[rows].sum(1).max())
         mask = keep[rows, :width].to(device)
         captured: dict[str, Tensor] = {}
         with torch.no_grad():
-            model.run_with_hooks(split.tokens[rows, :width].to(device),
-                                 fwd_hooks=[(name, _recorder(captured, name, itemgetter(mask))) for name in names],
-                                 **({} if stop is None else {"stop_at_layer": stop}))
+            backend.run(split.tokens[rows, :width].to(device), split.real_mask[rows, :width].to(device),
+                        [(name, _recorder(captured, name, mask)) for name in names], stop_at_layer=stop)
         yield captured
 
 
-def _recorder(store: dict[str, Any], name: str, transform: Any) -> Any:
-    """A capture hook storing ``transform(activation)`` under the user's ``name`` (not ``hook.name``)."""
+def _recorder(store: dict[str, Any], name: str, mask: Tensor) -> Any:
+    """A capture hook storing the activation at ``mask`` under the user's ``name`` (not ``hook.name``)."""
     def hook_fn(act: Tensor, hook: Any) -> None:
-        store[name] = transform(act.detach())
+        store[name] = act.detach()[mask]
     return hook_fn
-
-
-def probe_feature_shapes(model: torch.nn.Module, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Per hook, the shape an activation has beyond ``[batch, pos]`` on a tiny input.
-
-    For attention patterns ``[batch, head, query, key]`` only ``(head,)`` is position-free and reported.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    names = list(dict.fromkeys(hook_names))
-    if not names:
-        return shapes
-    tokens = (torch.arange(2) % model.cfg.d_vocab).unsqueeze(0).to(model.cfg.device)
-    hooks = [(name, _recorder(shapes, name, (lambda a: (a.shape[1],)) if is_attention_pattern(name)
-                              else (lambda a: tuple(a.shape[2:])))) for name in names]
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=hooks,
-                             **({} if (stop := _stop_layer(model, names)) is None else {"stop_at_layer": stop}))
-    return shapes

@@ -1,8 +1,8 @@
 """Vector quantisation: replace each activation by its nearest k-means centroid.
 
 k-means needs the samples themselves, so fitting keeps a seeded, uniform
-subsample of at most ``max_samples`` of them while batches stream past (each
-sample draws a random key; the smallest keys survive), then fits with
+subsample of at most ``max_samples`` of them while batches stream past
+(:class:`~illusion_probe.simplify.reservoir.Reservoir`), then fits with
 scikit-learn (k-means++, ``n_init`` restarts, ``random_state=seed`` for
 every head). Past ``MINIBATCH_ABOVE`` samples it switches to ``MiniBatchKMeans``:
 measured in docs/benchmarks.md, full k-means costs about the same up to 50k
@@ -21,12 +21,15 @@ import torch
 from torch import Tensor
 
 from illusion_probe.errors import require
+from illusion_probe.registry import register_simplifier
 from illusion_probe.simplify.base import FittedSimplifier
+from illusion_probe.simplify.reservoir import Reservoir
 
 #: Above this many (subsampled) samples, fit with ``MiniBatchKMeans`` (measured; see module docstring).
 MINIBATCH_ABOVE = 100_000
 
 
+@register_simplifier
 class KMeans(FittedSimplifier):
     """Snap each activation to the nearest of ``n_clusters`` centroids.
 
@@ -55,22 +58,15 @@ class KMeans(FittedSimplifier):
                 "max_samples": self.max_samples}
 
     # -- fitting ----------------------------------------------------------------------
-    def _reset(self, shape: tuple[int, int], device: torch.device) -> None:
-        self._kept = torch.empty(0, *shape)
-        self._keys = torch.empty(0)
-        self._rng = torch.Generator().manual_seed(self.seed)
+    def start(self, shape: tuple[int, int], device: torch.device) -> None:
+        self._reservoir = Reservoir(self.max_samples, self.seed)
 
-    def _accumulate(self, x: Tensor) -> None:
-        keys = torch.rand(x.shape[0], generator=self._rng)
-        self._kept = torch.cat([self._kept, x.detach().to("cpu", torch.float32)])
-        self._keys = torch.cat([self._keys, keys])
-        if self._kept.shape[0] > self.max_samples:
-            keep = self._keys.topk(self.max_samples, largest=False).indices.sort().values
-            self._kept, self._keys = self._kept[keep], self._keys[keep]
+    def accumulate(self, x: Tensor) -> None:
+        self._reservoir.add(x)
 
-    def _finish(self) -> None:
-        samples = self._kept
-        del self._kept, self._keys, self._rng
+    def finish(self) -> None:
+        samples = self._reservoir.samples()
+        del self._reservoir
         require(self.n_clusters <= samples.shape[0],
                 f"{self.describe()}: n_clusters={self.n_clusters} exceeds the {samples.shape[0]} fitted samples; "
                 "use fewer clusters or more sequences")
@@ -83,7 +79,7 @@ class KMeans(FittedSimplifier):
 
         solver = MiniBatchKMeans if data.shape[0] > MINIBATCH_ABOVE else SkKMeans
         with warnings.catch_warnings():  # fewer distinct points than clusters is allowed: duplicates stay exact
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", message=r"Number of distinct clusters \(\d+\) found smaller")
             fitted = solver(self.n_clusters, init="k-means++", n_init=self.n_init,
                              random_state=self.seed).fit(np.ascontiguousarray(data))
         # Final M-step in float64: each centroid is its members' exact mean, so duplicates reconstruct exactly.
@@ -94,19 +90,19 @@ class KMeans(FittedSimplifier):
         centers = torch.from_numpy(np.asarray(fitted.cluster_centers_, dtype=np.float64))
         return torch.where(counts > 0, sums / counts.clamp_min(1), centers).to(torch.float32)
 
-    def _tensors(self) -> dict[str, Tensor]:
+    def tensors(self) -> dict[str, Tensor]:
         return {"centroids": self.centroids}
 
-    def _set_tensors(self, state: dict[str, Tensor]) -> None:
+    def set_tensors(self, state: dict[str, Tensor]) -> None:
         self.centroids = state["centroids"]
 
     # -- application ------------------------------------------------------------------
-    def _derive(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    def derive(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         centroids = self.centroids.to(device=device, dtype=dtype)  # [group, k, feature]
         return {"centroids": centroids, "minus_2c_t": (-2 * centroids).transpose(1, 2).contiguous(),
                 "sq_norms": centroids.pow(2).sum(-1)}
 
-    def _apply(self, x: Tensor) -> Tensor:
+    def apply(self, x: Tensor) -> Tensor:
         d = self.derived(x)
         if x.shape[1] == 1:  # ||x - c||^2 up to the per-row constant ||x||^2
             nearest = torch.addmm(d["sq_norms"][0], x[:, 0], d["minus_2c_t"][0]).argmin(-1)

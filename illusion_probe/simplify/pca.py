@@ -17,26 +17,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from illusion_probe.errors import require
+from illusion_probe.registry import register_simplifier
 from illusion_probe.simplify.base import FittedSimplifier
 
 
-def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh``, single-threaded on CPU.
-
-    Measured on 2 cores shared with another process: MKL's threaded eigh of a
-    512x512 covariance took 7 s against 0.035 s on one thread (2048x2048: up to
-    33 s against 2 s). The matrix is only ``d x d``, so one thread loses little.
-    """
-    if matrix.device.type != "cpu":
-        return torch.linalg.eigh(matrix)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.eigh(matrix)
-    finally:
-        torch.set_num_threads(threads)
-
-
+@register_simplifier
 class PCA(FittedSimplifier):
     """Project onto the top-``rank`` principal directions of the fitted activations.
 
@@ -63,12 +48,12 @@ class PCA(FittedSimplifier):
     def check_feature_dim(self, feature: int) -> None:
         require(self.rank <= feature, f"{self.describe()}: rank {self.rank} exceeds the feature dimension {feature}")
 
-    def _reset(self, shape: tuple[int, int], device: torch.device) -> None:
+    def start(self, shape: tuple[int, int], device: torch.device) -> None:
         groups, feature = shape
         self._sum = torch.zeros(groups, feature, dtype=torch.float64, device=device)
         self._gram = torch.zeros(groups, feature, feature, dtype=torch.float64, device=device)
 
-    def _accumulate(self, x: Tensor) -> None:
+    def accumulate(self, x: Tensor) -> None:
         x64 = x.to(torch.float64)
         self._sum += x64.sum(dim=0)
         if x.shape[1] == 1:
@@ -77,13 +62,13 @@ class PCA(FittedSimplifier):
             by_group = x64.transpose(0, 1)
             self._gram.baddbmm_(by_group.transpose(1, 2), by_group)
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
         n = self._n_seen
         mean = self._sum / n
         second = self._gram / n
         if self.center:
             second = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-        values, vectors = _eigh(second)  # ascending
+        values, vectors = torch.linalg.eigh(second)  # ascending
         self.eigenvalues = values.flip(-1).clamp_min(0.0)
         self.components = vectors.flip(-1)[..., : self.rank].to(torch.float32).contiguous()
         self.mean = (mean if self.center else torch.zeros_like(mean)).to(torch.float32)
@@ -95,14 +80,14 @@ class PCA(FittedSimplifier):
         require(self.is_fitted, f"{self.describe()}: not fitted")
         return self.eigenvalues / self.eigenvalues.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
 
-    def _tensors(self) -> dict[str, Tensor]:
+    def tensors(self) -> dict[str, Tensor]:
         return {"mean": self.mean, "components": self.components, "eigenvalues": self.eigenvalues}
 
-    def _set_tensors(self, state: dict[str, Tensor]) -> None:
+    def set_tensors(self, state: dict[str, Tensor]) -> None:
         self.mean, self.components, self.eigenvalues = state["mean"], state["components"], state["eigenvalues"]
 
     # -- application ------------------------------------------------------------------
-    def _derive(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    def derive(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         v = self.components.to(device=device, dtype=torch.float64)  # [group, feature, rank]
         projector = v @ v.transpose(1, 2)
         mean = self.mean.to(device=device, dtype=torch.float64)
@@ -112,7 +97,7 @@ class PCA(FittedSimplifier):
             return {**cast, "down": v.to(dtype), "up": v.transpose(1, 2).contiguous().to(dtype)}
         return {**cast, "projector": projector.to(dtype)}
 
-    def _apply(self, x: Tensor) -> Tensor:
+    def apply(self, x: Tensor) -> Tensor:
         d = self.derived(x)
         if x.shape[1] == 1:
             flat = x[:, 0]
@@ -126,6 +111,7 @@ class PCA(FittedSimplifier):
         return torch.baddbmm(bias, by_group @ d["down"], d["up"]).transpose(0, 1)
 
 
+@register_simplifier
 class SVD(PCA):
     """Uncentred PCA: project onto the top-``rank`` right singular vectors of the activations."""
 

@@ -10,7 +10,6 @@ provenance. ``with proxy.applied(model): ...`` attaches it through
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,12 +29,13 @@ from illusion_probe.artifacts import (
     write_json,
     write_tensors,
 )
-from illusion_probe.errors import IllusionProbeError, require
-from illusion_probe.hook_names import is_per_head, resolve_hook_name
-from illusion_probe.models import model_backend
+from illusion_probe.backends import Backend
+from illusion_probe.errors import ArtifactError, IllusionProbeError, require
+from illusion_probe.hook_names import is_attention_pattern, is_per_head, layer_of, resolve_hook_name
 from illusion_probe.provenance import provenance
+from illusion_probe.registry import UnknownNameError
 from illusion_probe.simplify.base import FittedSimplifier, Simplifier
-from illusion_probe.simplify.collect import collect_activations, probe_feature_shapes
+from illusion_probe.simplify.collect import collect_activations
 from illusion_probe.tasks.base import Split
 
 FORMAT_VERSION = 1
@@ -54,7 +54,7 @@ class Proxy:
         feature_shapes: per hook, the activation shape beyond ``[batch, pos]`` on the fit model
             (``(head,)`` for attention patterns); used by :meth:`check_compatible`.
         fit_info: what it was fit on (``split``, ``role``, ``n_sequences``, ``n_tokens``).
-        backend: :func:`~illusion_probe.models.model_backend` of the fit model.
+        backend: the kind of model it was fit on (``hooked``, ``bridge`` or ``bridge_hf``).
     """
 
     def __init__(
@@ -125,7 +125,7 @@ class Proxy:
     def applied(self, model: torch.nn.Module, on_apply: OnApply | None = None) -> Iterator[torch.nn.Module]:
         """Run ``model`` with the proxy inside the block; every hook is removed on exit, even on error.
 
-        Checks :meth:`check_compatible` first (one tiny forward pass; effect probes are cached per model).
+        Checks :meth:`check_compatible` first.
         """
         self.check_compatible(model)
         with model.hooks(fwd_hooks=self.fwd_hooks(on_apply)):
@@ -133,17 +133,15 @@ class Proxy:
 
     def check_compatible(self, model: torch.nn.Module) -> None:
         """Raise a one-line error unless every hook exists on ``model`` with the fitted shape and edits take effect."""
-        for hook in self._simplifiers:
-            resolve_hook_name(model, hook)
-        shapes = probe_feature_shapes(model, [h for h in self._simplifiers if h in self.feature_shapes])
+        backend = Backend.of(model)
+        shapes = check_hooks(backend, self._simplifiers)
         for hook, shape in shapes.items():
-            if shape != self.feature_shapes[hook]:
+            fitted = self.feature_shapes.get(hook)
+            if fitted is not None and shape != fitted:
                 raise IllusionProbeError(
-                    f"proxy {self.name!r} was fit where {hook!r} has shape {list(self.feature_shapes[hook])} "
-                    f"beyond [batch, pos]; this model has {list(shape)}; fit a proxy on this model"
+                    f"proxy {self.name!r} was fit where {hook!r} has shape {list(fitted)} beyond [batch, pos]; "
+                    f"this model has {list(shape)}; fit a proxy on this model"
                 )
-        for hook, simplifier in self._simplifiers.items():
-            simplifier.check_model(model, hook)
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -169,19 +167,33 @@ class Proxy:
         check_format(metadata, meta_file, "proxy", FORMAT_VERSION)
         tensors = read_tensors(root / TENSORS_FILE, device=device)
 
-        def rebuild(hooks: list[dict[str, Any]]) -> tuple[dict[str, Simplifier], dict[str, tuple[int, ...]]]:
-            simplifiers, shapes = {}, {}
-            for index, entry in enumerate(hooks):
-                prefix = f"{index}."
-                state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        hooks = field(metadata, "hooks", meta_file, _hook_entries)
+        simplifiers, shapes = {}, {}
+        for index, entry in enumerate(hooks):
+            prefix = f"{index}."
+            state = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+            try:
                 simplifiers[entry["name"]] = Simplifier.from_state(entry["simplifier"], state)
-                if entry["feature_shape"] is not None:
-                    shapes[entry["name"]] = tuple(int(d) for d in entry["feature_shape"])
-            return simplifiers, shapes
-
-        simplifiers, shapes = field(metadata, "hooks", meta_file, rebuild)
+            except UnknownNameError as err:
+                raise ArtifactError(f"{meta_file}: {err}") from None
+            except (TypeError, ValueError, KeyError) as err:
+                raise ArtifactError(f"{meta_file}: the simplifier at {entry['name']!r} cannot be rebuilt ({err}); "
+                                    "re-fit the proxy") from None
+            if entry["feature_shape"] is not None:
+                shapes[entry["name"]] = tuple(int(d) for d in entry["feature_shape"])
         return cls(simplifiers, name=field(metadata, "name", meta_file, str), feature_shapes=shapes,
                    fit_info=field(metadata, "fit", meta_file, dict), backend=metadata.get("backend"))
+
+
+def _hook_entries(hooks: Any) -> list[dict[str, Any]]:
+    """The ``hooks`` list of proxy metadata, each entry checked for its fields."""
+    if not isinstance(hooks, list) or not hooks:
+        raise TypeError("expected a non-empty list")
+    for entry in hooks:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("simplifier"), dict) and "feature_shape" in entry):
+            raise TypeError(f"entry {entry!r} needs 'name', 'simplifier' and 'feature_shape'")
+    return hooks
 
 
 def _observed(hook_name: str, simplifier: Simplifier, on_apply: OnApply) -> Callable[..., Tensor]:
@@ -202,6 +214,31 @@ def _fit_copy(hook: str, simplifier: Simplifier) -> Simplifier:
     return simplifier.unfitted(per_head=per_head)
 
 
+def check_hooks(backend: Backend, simplifiers: Mapping[str, Simplifier]) -> dict[str, tuple[int, ...]]:
+    """Validate ``{hook: simplifier}`` against a model before any work; returns each hook's feature shape.
+
+    Every hook must exist (a "did you mean" otherwise), name a distinct hook, suit its simplifier (kind and
+    shape: a rank above the dimension, a head index beyond the heads), and, for attention patterns,
+    be a hook whose edits the model does not silently ignore.
+    """
+    canonical: dict[str, str] = {}
+    for hook, simplifier in simplifiers.items():
+        require(isinstance(simplifier, Simplifier),
+                f"the value for {hook!r} is a {type(simplifier).__name__}, not an ip.Simplifier")
+        resolved = resolve_hook_name(backend.model, hook)
+        require(resolved not in canonical.values(), f"{hook!r} names the same hook as another entry")
+        canonical[hook] = resolved
+        simplifier.check_hook(hook)
+    shapes = backend.feature_shapes(list(simplifiers))
+    for hook, simplifier in simplifiers.items():
+        simplifier.check_feature_shape(shapes[hook])
+        if is_attention_pattern(hook) and not backend.pattern_edits_take_effect(layer_of(hook)):
+            raise IllusionProbeError(
+                f"{simplifier.describe()}: edits to {hook!r} are silently ignored by this model "
+                f"({backend.describe()}); use HookedTransformer (backend='hooked') or TransformerLens >= 4.3")
+    return shapes
+
+
 def fit_proxy(
     model: torch.nn.Module,
     simplifiers: Mapping[str, Simplifier],
@@ -213,6 +250,9 @@ def fit_proxy(
 ) -> Proxy:
     """Fit unfitted *copies* of ``simplifiers`` on ``split`` in one streamed pass; the arguments are not modified.
 
+    Everything is checked before the first forward pass: the split's role, the hook names, each
+    simplifier against its hook's shape, and whether edits at attention patterns take effect.
+
     Args:
         model: a HookedTransformer or TransformerBridge.
         simplifiers: ``{hook name: simplifier}``; legacy and canonical names both work and
@@ -223,34 +263,34 @@ def fit_proxy(
         allow_non_train: permit fitting on a split whose role is not ``"train"``.
         name: the proxy's label (see :class:`Proxy`).
     """
+    return fit_proxy_with(Backend.of(model), simplifiers, split, n_sequences, batch_size, allow_non_train, name)
+
+
+def fit_proxy_with(backend: Backend, simplifiers: Mapping[str, Simplifier], split: Split, n_sequences: int = 1000,
+                   batch_size: int = 64, allow_non_train: bool = False, name: str | None = None) -> Proxy:
+    """:func:`fit_proxy` given the model's backend adapter."""
+    require(isinstance(split, Split), f"fit_proxy: split must be an ip.Split, got {type(split).__name__}"
+            + ("; pick one, e.g. splits['train']" if isinstance(split, Mapping) else ""))
     require(split.role == "train" or allow_non_train,
             f"fit_proxy: split {split.name!r} has role {split.role!r}; fitting off the training distribution "
             "would hide the very gap we measure (pass allow_non_train=True to do it anyway)")
-    require(len(simplifiers) > 0, "fit_proxy: give at least one {hook name: simplifier}")
+    require(isinstance(simplifiers, Mapping) and len(simplifiers) > 0,
+            "fit_proxy: give at least one {hook name: simplifier}")
     require(isinstance(n_sequences, int) and n_sequences > 0, f"fit_proxy: n_sequences must be positive, got {n_sequences!r}")
-    canonical: dict[str, str] = {}
+    require(isinstance(batch_size, int) and batch_size > 0, f"fit_proxy: batch_size must be positive, got {batch_size!r}")
     for hook, simplifier in simplifiers.items():
         require(isinstance(simplifier, Simplifier),
-                f"fit_proxy: the value for {hook!r} is a {type(simplifier).__name__}, not a Simplifier")
-        resolved = resolve_hook_name(model, hook)
-        require(resolved not in canonical.values(), f"fit_proxy: {hook!r} names the same hook as another entry")
-        canonical[hook] = resolved
-        simplifier.check_hook(hook)
+                f"fit_proxy: the value for {hook!r} is a {type(simplifier).__name__}, not an ip.Simplifier")
     fitted = {hook: _fit_copy(hook, s) for hook, s in simplifiers.items()}
-    shapes = probe_feature_shapes(model, list(fitted))
-    for hook, simplifier in fitted.items():
-        simplifier.check_model(model, hook)
-        if isinstance(simplifier, FittedSimplifier):  # rank / size against the feature dimension, before any data
-            shape = shapes[hook]
-            simplifier.check_feature_dim(shape[-1] if simplifier.per_head else math.prod(shape))
+    shapes = check_hooks(backend, fitted)
     data_hooks = [hook for hook, s in fitted.items() if s.needs_data]
     n = min(n_sequences, len(split))
     if data_hooks:
-        for batch in collect_activations(model, split, data_hooks, n_sequences=n, batch_size=batch_size):
+        for batch in collect_activations(backend.model, split, data_hooks, n_sequences=n, batch_size=batch_size):
             for hook in data_hooks:
                 acts = batch[hook]
                 fitted[hook].partial_fit(acts if fitted[hook].per_head else acts.flatten(1))
         for hook in data_hooks:
             fitted[hook].finalize()
     fit_info = {"split": split.name, "role": split.role, "n_sequences": n, "n_tokens": int(split.real_mask[:n].sum())}
-    return Proxy(fitted, name=name, feature_shapes=shapes, fit_info=fit_info, backend=model_backend(model))
+    return Proxy(fitted, name=name, feature_shapes=shapes, fit_info=fit_info, backend=backend.kind)

@@ -1,38 +1,33 @@
-"""Tasks: Dyck bracket languages and character-level code completion."""
+"""Tasks: Dyck bracket languages and character-level code completion, registered by ``kind``.
+
+Importing this package registers the built-in tasks; ``@ip.register_task`` adds a user's own.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 from illusion_probe.errors import IllusionProbeError
+from illusion_probe.registry import TASKS
+from illusion_probe.tasks import code, dyck  # noqa: F401 - registers the built-in tasks
 from illusion_probe.tasks.base import Split, SplitSet, Task
-
-#: task kind -> (module, task class, config class)
-_TASKS = {
-    "dyck": ("illusion_probe.tasks.dyck", "DyckTask", "DyckConfig"),
-    "code": ("illusion_probe.tasks.code", "CodeTask", "CodeConfig"),
-}
 
 
 def task_from_dict(data: dict[str, Any]) -> Task:
-    """Rebuild a task from :meth:`Task.to_dict` output.
+    """Rebuild a task from :meth:`Task.to_dict` output (``{"kind": ..., "config": {...}}``)."""
+    if not isinstance(data, dict):
+        raise IllusionProbeError(f"a task description must be an object with 'kind' and 'config', got {data!r}")
+    task_class = TASKS.get(data.get("kind"))
+    config = data.get("config") or {}
+    if not isinstance(config, dict):
+        raise IllusionProbeError(f"task {data.get('kind')!r}: 'config' must be an object, got {config!r}")
+    return task_class.from_config_dict(config)
 
-    ``data`` may also name a ``preset`` of the task's config class, which ``config`` then overrides.
-    """
-    kind = data.get("kind")
-    if kind not in _TASKS:
-        raise IllusionProbeError(f"unknown task kind {kind!r}; known: {', '.join(_TASKS)}")
-    module_name, task_name, config_name = _TASKS[kind]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise IllusionProbeError(f"task kind {kind!r} is not available in this illusion-probe version") from None
-    config = dict(data.get("config") or {})
-    if data.get("preset") is not None:
-        config = {**dataclasses.asdict(getattr(module, config_name).preset(data["preset"])), **config}
-    return getattr(module, task_name).from_config_dict(config)
+
+def task_config_fields(kind: str) -> list[str]:
+    """The config fields of the registered task ``kind``."""
+    return [f.name for f in dataclasses.fields(TASKS.get(kind).config_class)]
 
 
 __all__ = ["Split", "SplitSet", "Task", "task_from_dict"]

@@ -146,6 +146,18 @@ class Split:
         return cls(name=name, role=role, tokens=tokens, eval_mask=eval_mask, targets=targets, real_mask=real)
 
 
+def check_tokens(tokens: Tensor, d_vocab: int, n_ctx: int, where: str) -> None:
+    """Raise a one-line error unless ``tokens`` are integer ids in ``[0, d_vocab)`` at most ``n_ctx`` long."""
+    require(isinstance(tokens, Tensor) and tokens.ndim == 2 and not tokens.dtype.is_floating_point
+            and tokens.dtype != torch.bool, f"{where}: tokens must be an integer tensor [n, pos]")
+    require(tokens.shape[1] <= n_ctx, f"{where}: sequences of {tokens.shape[1]} tokens are longer than the model's "
+            f"context (n_ctx={n_ctx}); cut them to at most {n_ctx} tokens")
+    if tokens.numel():
+        low, high = int(tokens.min()), int(tokens.max())
+        require(low >= 0 and high < d_vocab, f"{where}: token ids span [{low}, {high}] but the model's vocabulary is "
+                f"[0, {d_vocab}); encode the text with this model's tokenizer")
+
+
 class MissingSplitError(IllusionProbeError, KeyError):
     """A split name that is not in the set: a one-line error that ``Mapping.get`` and ``in`` understand."""
 

@@ -39,7 +39,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from illusion_probe.config import check_types, task_preset
 from illusion_probe.errors import IllusionProbeError, require
+from illusion_probe.registry import register_task
 from illusion_probe.tasks.base import Role, Split, SplitSet, Task
 from illusion_probe.tasks.code_corpus import (
     STDLIB_SKIP_DIRS,
@@ -118,28 +120,18 @@ class CodeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # JSON and TOML give lists; store tuples so the config stays hashable and comparable.
-        if isinstance(self.extra_sources, (list, tuple)):
-            object.__setattr__(self, "extra_sources", tuple(
-                tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in self.extra_sources))
-        if isinstance(self.vocab, list):
-            object.__setattr__(self, "vocab", tuple(self.vocab))
-        for name in ("window", "n_train", "n_test", "n_ood", "max_train_chars", "max_eval_chars", "min_char_count",
-                     "seed"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool),
-                    f"CodeConfig.{name} must be an integer, got {value!r}")
+        check_types(self)
         require(self.window >= 2, f"CodeConfig.window must be >= 2 characters, got {self.window}")
-        require(self.stride is None or (isinstance(self.stride, int) and self.stride >= 1),
+        require(self.stride is None or self.stride >= 1,
                 f"CodeConfig.stride must be a positive integer or None, got {self.stride!r}")
         for name in ("n_train", "n_test", "n_ood", "min_char_count"):
             require(getattr(self, name) >= 1, f"CodeConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_chars", "max_eval_chars"):
             require(getattr(self, name) >= self.window,
                     f"CodeConfig.{name}={getattr(self, name)} cannot hold one window of {self.window} characters")
-        require(isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1,
+        require(0 < self.test_fraction < 1,
                 f"CodeConfig.test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        require(self.deep_depth is None or (isinstance(self.deep_depth, int) and self.deep_depth >= 0),
+        require(self.deep_depth is None or self.deep_depth >= 0,
                 f"CodeConfig.deep_depth must be a non-negative integer or None, got {self.deep_depth!r}")
         for pair in self.extra_sources:
             require(isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair),
@@ -170,19 +162,11 @@ class CodeConfig:
 
     @classmethod
     def preset(cls, name: str) -> CodeConfig:
-        """``"tiny"`` (seconds, CI), ``"quick"`` (CPU minutes) and ``"paper"`` (larger; a GPU is advised)."""
-        presets = {
-            "tiny": cls(window=32, n_train=300, n_test=60, n_ood=60, max_train_chars=100_000, max_eval_chars=20_000),
-            "quick": cls(window=128, n_train=45_000, n_test=1_000, n_ood=1_000, max_train_chars=6_000_000,
-                         max_eval_chars=400_000),
-            "paper": cls(window=256, stride=128, n_train=200_000, n_test=4_000, n_ood=4_000, include_tests=True,
-                         max_train_chars=40_000_000, max_eval_chars=4_000_000),
-        }
-        if name not in presets:
-            raise IllusionProbeError(f"unknown code preset {name!r}; choose one of {sorted(presets)}")
-        return presets[name]
+        """The ``[task]`` table of a shipped preset (``illusion_probe/presets/code_<name>.toml``): ``"tiny"``
+        (seconds, CI), ``"quick"`` (CPU minutes) or ``"paper"`` (larger; a GPU is advised)."""
+        return task_preset(cls, "code", name)
 
-
+@register_task
 class CodeTask(Task):
     """Character-level next-token prediction on windows of Python files, with new-language OOD splits."""
 
