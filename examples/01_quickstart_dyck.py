@@ -36,20 +36,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. The task owns its data: vocabulary, context length, scored positions, disjoint splits.
-    task_cfg = ip.DyckConfig.preset("quick")
-    if args.tiny:
-        task_cfg = ip.DyckConfig(n_train=300, n_test=60, n_ood=60)
-    task = ip.DyckTask(task_cfg)
+    task = ip.DyckTask(ip.DyckConfig.preset("tiny" if args.tiny else "quick"))
     splits = task.make_splits(seed=0)
     print(splits)  # train, test (in distribution), ood_unseen_structure, ood_longer, ood_deeper
 
     # 2. A small hooked transformer sized from the task (HookedTransformer on TL 3.x, TransformerBridge on 4.x).
     model_cfg = ip.ModelConfig(n_layers=2, d_model=64, n_heads=4, device=args.device)
-    train_cfg = ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.995, device=args.device)
+    train_cfg = ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.995)
     if args.tiny:
         model_cfg = ip.ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, device=args.device)
         train_cfg = ip.TrainConfig(max_steps=20, warmup_steps=2, batch_size=32, eval_every=10, eval_sequences=60,
-                                   progress=False, device=args.device)
+                                   progress=False)
     model = ip.build_model(task, model_cfg)
 
     # 3. Train with a masked next-token loss; every split is evaluated along the way.

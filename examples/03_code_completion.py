@@ -46,12 +46,12 @@ def main() -> None:
     if args.tiny:
         model_cfg = ip.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, device=args.device)
         train_cfg = ip.TrainConfig(max_steps=20, warmup_steps=2, batch_size=32, eval_every=10, eval_sequences=60,
-                                   progress=False, device=args.device)
+                                   progress=False)
     else:
         # The sizes of the `code --preset quick` run (illusion_probe/presets/code_quick.toml).
         model_cfg = ip.ModelConfig(n_layers=2, d_model=64, n_heads=4, d_mlp=256, act_fn="gelu", device=args.device)
         train_cfg = ip.TrainConfig(lr=2e-3, batch_size=32, max_steps=1500, warmup_steps=100, eval_every=500,
-                                   eval_sequences=200, eval_batch_size=100, device=args.device)
+                                   eval_sequences=200, eval_batch_size=100)
     model = ip.build_model(task, model_cfg)
     history = ip.train(model, splits, train_cfg, task=task)
     print("accuracy after training:", {name: round(acc, 3) for name, acc in history[-1]["acc"].items()})

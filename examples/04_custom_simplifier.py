@@ -3,14 +3,14 @@
 ``RandomProjection`` projects an activation onto a fixed, seeded random
 rank-``r`` subspace: ``x_hat = x Q Q^T`` with ``Q`` a ``[d, r]`` orthonormal basis
 drawn from ``seed``. It needs no data, so it subclasses ``ip.Simplifier`` and
-implements only ``__call__`` (plus ``options`` and ``unfitted``, see below).
+implements only ``__call__`` and ``options``. Registered with
+``@ip.register_simplifier``, it is swept, saved and loaded like a built-in.
 We compare it with a PCA of the same rank, fit on the train split: a data-fitted
 subspace against a random one, in and out of distribution.
 
-A simplifier fitted on activations would subclass
-``illusion_probe.simplify.base.FittedSimplifier`` instead and implement its
-streaming hooks (``_reset``, ``_accumulate``, ``_finish``, ``_apply``,
-``_tensors``, ``_set_tensors``); see ``illusion_probe/simplify/pca.py``.
+A simplifier fitted on activations subclasses ``ip.FittedSimplifier`` instead and
+implements its fitting protocol (``start``, ``accumulate``, ``finish``, ``apply``,
+``tensors``, ``set_tensors``); see the API reference and ``illusion_probe/simplify/pca.py``.
 
     python examples/04_custom_simplifier.py --out runs/example_04
     python examples/04_custom_simplifier.py --tiny
@@ -29,6 +29,7 @@ from torch import Tensor
 import illusion_probe as ip
 
 
+@ip.register_simplifier
 class RandomProjection(ip.Simplifier):
     """Project onto a seeded random ``rank``-dimensional subspace of the feature dimension (data-free).
 
@@ -37,7 +38,7 @@ class RandomProjection(ip.Simplifier):
         seed: seeds the subspace; the same seed and feature size always give the same subspace.
     """
 
-    method: ClassVar[str] = "random_projection"  # the label in results (Record.method)
+    method: ClassVar[str] = "random_projection"  # its registered name, and the label in results (Record.method)
     size_option: ClassVar[str | None] = "rank"  # Simplifier.size reads self.rank: sweeps and headlines use it
 
     def __init__(self, rank: int, seed: int = 0):
@@ -50,13 +51,6 @@ class RandomProjection(ip.Simplifier):
     def options(self) -> dict[str, Any]:
         """Constructor arguments; they go into Proxy metadata."""
         return {"rank": self.rank, "seed": self.seed}
-
-    def unfitted(self, size: int | None = None, **changes: Any) -> RandomProjection:
-        """A fresh copy. ``fit_proxy`` fits copies; the default looks the method up in the built-in registry."""
-        options = {**self.options(), **changes}
-        if size is not None:
-            options["rank"] = size
-        return RandomProjection(**options)
 
     def basis(self, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``[d, rank]`` orthonormal columns, built once per feature size, dtype and device."""
@@ -89,13 +83,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     # A Dyck task and a briefly trained model (see 01_quickstart_dyck.py for the full walk-through).
-    task = ip.DyckTask(ip.DyckConfig(n_train=300, n_test=60, n_ood=60) if args.tiny else ip.DyckConfig.preset("quick"))
+    task = ip.DyckTask(ip.DyckConfig.preset("tiny" if args.tiny else "quick"))
     splits = task.make_splits(seed=0)
     model_cfg = (ip.ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32) if args.tiny
                  else ip.ModelConfig(n_layers=2, d_model=64, n_heads=4))
     train_cfg = (ip.TrainConfig(max_steps=20, warmup_steps=2, batch_size=32, eval_every=10, eval_sequences=60,
-                                progress=False, device="cpu") if args.tiny
-                 else ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.995, device="cpu"))
+                                progress=False) if args.tiny
+                 else ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.995))
     model = ip.build_model(task, model_cfg)
     ip.train(model, splits, train_cfg, task=task)
 
@@ -108,26 +102,29 @@ def main() -> None:
         logits = model.run_with_hooks(splits["test"].tokens[:2], fwd_hooks=[(hook, RandomProjection(rank))])
     print(f"run_with_hooks with RandomProjection({rank}): logits {tuple(logits.shape)}")
 
-    # Two ways into the evaluation: wrap it directly in a Proxy (nothing to fit), or go through
-    # fit_proxy like the built-in simplifiers (it checks the hook and fits a copy; here a no-op).
-    proxies = {
-        "random_direct": ip.Proxy({hook: RandomProjection(rank, seed=0)}),
-        "random_fit_proxy": ip.fit_proxy(model, {hook: RandomProjection(rank, seed=1)}, splits["train"]),
-        "pca": ip.fit_proxy(model, {hook: ip.PCA(rank=rank)}, splits["train"], n_sequences=100 if args.tiny else 1000),
-    }
+    # Registered, it sweeps like a built-in (one proxy per rank), next to a PCA sweep of the same ranks.
+    ranks = [rank // 2, rank]
+    n_fit = 100 if args.tiny else 1000
+    proxies = {**ip.sweeps.sweep_proxies(model, splits["train"], [hook], "random_projection", ranks),
+               **ip.sweeps.sweep_proxies(model, splits["train"], [hook], "pca", ranks, n_sequences=n_fit)}
     results = ip.evaluate(model, proxies, splits, task, n_boot=n_boot, progress=False)
     for name in proxies:
         cells = ", ".join(f"{split} {results.value(split, name, 'agreement'):.3f}" for split in results.splits)
         (ev,) = results.select(split="test", proxy=name, metric="explained_variance")
-        print(f"{name} (rank {rank}): explained variance on test {ev.value:.3f}; agreement: {cells}")
+        print(f"{name}: explained variance on test {ev.value:.3f}; agreement: {cells}")
     results.to_json(out / "results.json")
     ip.write_report(results, out / "report.html", title=f"Random projection against PCA at {hook}")
 
-    # Saving: Proxy.save writes the method name and options(), and Proxy.load rebuilds simplifiers
-    # through the built-in registry, which does not know RandomProjection. So this proxy is not saved;
-    # rebuild it from its options (rank, seed) instead, which is all that defines it.
-    print(f"results: {out / 'results.json'}; report: {out / 'report.html'}")
-
+    # And it saves and loads like a built-in: Proxy.load finds the class by its registered name.
+    name = f"random_projection({rank})@{hook}"
+    proxies[name].save(out / "random_projection")
+    loaded = ip.Proxy.load(out / "random_projection")
+    with torch.no_grad():
+        with loaded.applied(model):
+            reloaded = model(splits["test"].tokens[:2])
+        with proxies[name].applied(model):
+            assert torch.equal(reloaded, model(splits["test"].tokens[:2]))
+    print(f"results: {out / 'results.json'}; report: {out / 'report.html'}; proxy: {out / 'random_projection'}")
 
 if __name__ == "__main__":
     main()

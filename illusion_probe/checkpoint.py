@@ -28,8 +28,8 @@ from illusion_probe.artifacts import (
     write_json,
     write_tensors,
 )
-from illusion_probe.errors import ArtifactError, IllusionProbeError
 from illusion_probe.backends import Backend
+from illusion_probe.errors import ArtifactError, IllusionProbeError
 from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
 from illusion_probe.provenance import provenance
 from illusion_probe.tasks import Task, task_from_dict

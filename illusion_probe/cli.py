@@ -67,13 +67,13 @@ def print_summary(results, files: Sequence[Path]) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from illusion_probe.pipeline import analyse_stage, evaluate_stage, fit_stage, train_stage, write_stage
+    from illusion_probe.pipeline import analyse_stage, evaluate_stage, fit_stage, report_stage, train_stage
 
     for run in _runs(args):
         model, info = train_stage(run, allow_training=args.command != "evaluate")
         proxies = fit_stage(run, model)
         results = evaluate_stage(run, model, proxies, info)
-        files = write_stage(run, results, analyse_stage(run, model))
+        files = report_stage(run, results, analyse_stage(run, model))
         print_summary(results, files)
     return 0
 

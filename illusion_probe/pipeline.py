@@ -1,10 +1,10 @@
-"""The whole study as its stages: task -> splits -> train -> fit -> evaluate -> analyse -> write.
+"""The whole study as its stages: task -> splits -> train -> fit -> evaluate -> analyse -> report.
 
 :func:`prepare` checks everything that can be checked without work (the config, the device, the
 output directory, the splits against the model, layers, heads and ranks against the model's
-shape), then each stage runs in turn. A stage whose output is already in the run directory with
-the same fingerprint (a hash of every input that shapes it) is reused instead of redone, and says
-so on the terminal.
+shape), then each stage runs in turn and writes its own artefact atomically. A stage whose artefact
+is already in the run directory with the same fingerprint (a hash of every input that shapes it)
+is reused instead of redone, and says so on the terminal.
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def prepare(study: StudyConfig, out: str | os.PathLike, device: str = "auto", se
     """Check everything that needs no work, draw the splits and build the untrained model."""
     require(isinstance(seed, int) and seed >= 0, f"the seed must be a non-negative integer, got {seed!r}")
     device = resolve_device(device)
-    out_dir = check_output_dir(Path(out))
     model_config = dataclasses.replace(study.model, device=device, seed=study.model.seed + seed)
     train_config = dataclasses.replace(study.train, seed=study.train.seed + seed)
     study.check_against_model(model_config.d_model, model_config.resolved_d_head, model_config.n_layers,
                               model_config.n_heads)
+    out_dir = check_output_dir(Path(out))
     task = study.build_task()
     splits = task.make_splits(seed=seed)
     require(splits.max_len <= task.n_ctx, f"splits hold {splits.max_len} tokens but the task's n_ctx is {task.n_ctx}")
@@ -200,9 +200,12 @@ def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], 
     tick = time.perf_counter()
     results = evaluate(model, proxies, _evaluation_splits(run), run.task, batch_size=config.batch_size,
                        n_boot=config.n_boot, seed=run.seed, ablation=config.ablation)
-    return results.with_meta(fingerprint=run.stamps["evaluate"], study=run.study.to_dict(), seed=run.seed,
-                             train_seconds=train_info.get("train_seconds"),
-                             evaluate_seconds=round(time.perf_counter() - tick, 2))
+    results = results.with_meta(fingerprint=run.stamps["evaluate"], study=run.study.to_dict(), seed=run.seed,
+                                train_seconds=train_info.get("train_seconds"),
+                                evaluate_seconds=round(time.perf_counter() - tick, 2))
+    results.to_csv(run.out / "results.csv")
+    results.to_json(path)  # last: a results.json that exists is a finished stage
+    return results
 
 
 def _evaluation_splits(run: Run) -> SplitSet:
@@ -219,16 +222,16 @@ def analyse_stage(run: Run, model: torch.nn.Module) -> Projection:
     config = run.study.projection
     projection = key_query_projection(model, _evaluation_splits(run), run.layers[-1], config.head, config.points,
                                       seed=run.seed)
-    return dataclasses.replace(projection, meta={**projection.meta, "fingerprint": run.stamps["analyse"]})
+    projection = dataclasses.replace(projection, meta={**projection.meta, "fingerprint": run.stamps["analyse"]})
+    projection.to_json(path)
+    return projection
 
 
-def write_stage(run: Run, results: Results, projection: Projection) -> list[Path]:
-    """Write ``results.json``, ``results.csv``, ``projection.json`` and ``report.html``; returns their paths."""
-    written = [results.to_json(run.out / "results.json"), run.out / "results.csv",
-               projection.to_json(run.out / "projection.json"), run.out / "report.html"]
-    results.to_csv(written[1])
-    write_report(results, written[3], title=f"illusion-probe: {run.study.name}, seed {run.seed}", projection=projection)
-    return written
+def report_stage(run: Run, results: Results, projection: Projection) -> list[Path]:
+    """Write ``report.html``; returns every file the run's results are in."""
+    report = write_report(results, run.out / "report.html", title=f"illusion-probe: {run.study.name}, seed {run.seed}",
+                          projection=projection)
+    return [run.out / "results.json", run.out / "results.csv", run.out / "projection.json", report]
 
 
 def reproduce(study: StudyConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0) -> Results:
@@ -240,6 +243,5 @@ def reproduce(study: StudyConfig, out: str | os.PathLike, device: str = "auto", 
     model, train_info = train_stage(run)
     proxies = fit_stage(run, model)
     results = evaluate_stage(run, model, proxies, train_info)
-    projection = analyse_stage(run, model)
-    write_stage(run, results, projection)
+    report_stage(run, results, analyse_stage(run, model))
     return results

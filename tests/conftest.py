@@ -17,6 +17,16 @@ import torch
 from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
 from illusion_probe.tasks.base import Split
 
+_TIERS = {"integration": pytest.mark.integration, "slow": pytest.mark.slow}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under ``tests/integration`` and ``tests/slow`` carry that tier's marker (``-m "not slow"`` works)."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier in _TIERS:
+            item.add_marker(_TIERS[tier])
+
 TINY_SIZES = ModelSizes(d_vocab=50, n_ctx=32)
 TINY_CONFIG = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=128, act_fn="gelu_new", seed=0)
 MODEL_FAMILIES = ("hooked", "bridge", "bridge_hf")

@@ -27,7 +27,7 @@ class Reservoir:
         self._keys: list[Tensor] = []
         self._held = 0
 
-    def add(self, rows: Float[Tensor, "n *feature"]) -> None:
+    def add(self, rows: Float[Tensor, "n ..."]) -> None:
         """Offer ``rows``; the reservoir shrinks back to ``capacity`` once it holds twice that."""
         self._rows.append(rows.detach().to("cpu", torch.float32))
         self._keys.append(torch.rand(rows.shape[0], generator=self._generator))
@@ -42,7 +42,7 @@ class Reservoir:
             rows, keys = rows[keep], keys[keep]
         self._rows, self._keys, self._held = [rows], [keys], rows.shape[0]
 
-    def samples(self) -> Float[Tensor, "m *feature"]:
+    def samples(self) -> Float[Tensor, "m ..."]:
         """The kept rows, in stream order."""
         self._shrink()
         return self._rows[0]

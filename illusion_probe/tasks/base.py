@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from illusion_probe.config import from_table
 from illusion_probe.errors import IllusionProbeError, require
 
 Role = Literal["train", "id", "ood"]
@@ -255,6 +256,4 @@ class Task(ABC):
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> Task:
         """Rebuild the task from the ``config`` part of :meth:`to_dict`; unknown fields are refused."""
-        unknown = set(config) - {f.name for f in dataclasses.fields(cls.config_class)}
-        require(not unknown, f"{cls.config_class.__name__}: unknown field(s) {sorted(unknown)}")
-        return cls(cls.config_class(**config))  # type: ignore[call-arg]
+        return cls(from_table(cls.config_class, config, f"{cls.kind} task config"))  # type: ignore[call-arg]

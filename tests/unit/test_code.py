@@ -392,21 +392,9 @@ def test_dataset_while_offline_is_a_one_line_error(corpus):
 
 @pytest.mark.parametrize("name", ["tiny", "quick", "paper"])
 def test_shipped_presets_load(name):
-    from illusion_probe.pipeline import load_preset
+    from illusion_probe.study import load_study
 
     cfg = CodeConfig.preset(name)
     assert cfg.window >= 2
-    if name == "tiny":  # reading the other presets' training budget takes longer
-        run = load_preset("code", name)
-        assert run.task["kind"] == "code" and run.task["config"]["vocab"]
-
-
-@pytest.mark.integration
-def test_cli_reproduce_code_tiny(tmp_path):
-    from illusion_probe.cli import main
-
-    assert main(["reproduce", "code", "--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    categories = {r["category"] for r in results["records"]}
-    assert {"all", "closing_bracket", "copying", "deep_nesting", "first_occurrence"} <= categories
-    assert {r["split"] for r in results["records"]} == {"train", "test", "ood_cpp"}
+    study = load_study("code", name)
+    assert study.task == cfg and study.task_kind == "code"

@@ -8,8 +8,7 @@ import os
 import pytest
 
 from illusion_probe.cli import main
-
-pytestmark = pytest.mark.integration
+from illusion_probe.results import SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_report_of_other_schema(tmp_path, capsys) -> None:
 
 def test_report_of_empty_results(tmp_path, capsys) -> None:
     empty = tmp_path / "results.json"
-    empty.write_text(json.dumps({"schema": "illusion-probe/results", "schema_version": 1, "records": []}))
+    empty.write_text(json.dumps({"schema": "illusion-probe/results", "schema_version": SCHEMA_VERSION, "records": []}))
     _fails(["report", str(empty)], capsys, "empty")
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import illusion_probe as ip
-from illusion_probe.models import model_backend
+from illusion_probe.backends import Backend
 from illusion_probe.provenance import package_version
-from tests.test_simplify_proxy import hook_count
+from tests.helpers import hook_count
 
 PATTERN = "blocks.1.attn.hook_pattern"
 
@@ -36,7 +36,7 @@ def test_onehot_attention_takes_effect_or_fails_loudly(model_family, random_trai
         with pytest.raises(ip.IllusionProbeError) as err:
             ip.fit_proxy(model_family, {PATTERN: ip.OneHotAttention()}, random_train_split)
         message = str(err.value)
-        assert "silently ignored" in message and repr(model_backend(model_family)) in message
+        assert "silently ignored" in message and Backend.of(model_family).kind in message
         assert str(package_version("transformer-lens")) in message and "\n" not in message
         with pytest.raises(ip.IllusionProbeError, match="silently ignored"), \
                 ip.Proxy({PATTERN: ip.OneHotAttention()}).applied(model_family):

@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
+from illusion_probe.analysis.projection import Panel, Projection
 from illusion_probe.errors import ArtifactError, IllusionProbeError
 from illusion_probe.report.html import render_report, write_report
-from illusion_probe.results import Gap, Record, Results
+from illusion_probe.results import Gap, MetricInfo, Record, Results
 
 
 def _results() -> Results:
@@ -38,9 +39,13 @@ def _results() -> Results:
                               n_positions=100, n_sequences=10, hooks="p"))
     gaps.append(Gap(proxy="pca(4)@h", method="pca", size=4, category="all", metric="agreement", id_split="test",
                     ood_split="ood_deeper", value=0.4, ci_low=0.3, ci_high=0.5))
-    return Results(records=records, gaps=gaps, meta={"seed": 0}, extras={"projection": {"title": "t", "panels": [
-        {"split": "train", "kind": "key", "x": [0.0, 1.0], "y": [1.0, 0.0], "depth": [1, 2]},
-        {"split": "ood_deeper", "kind": "key", "x": [0.5], "y": [0.5], "depth": [5]}]}})
+    metrics = [MetricInfo("agreement", "agreement with the model", True, "positions"),
+               MetricInfo("kl", "KL(model ‖ proxy), nats", False, "positions")]
+    return Results(records=records, gaps=gaps, metrics=metrics, meta={"seed": 0})
+
+
+PROJECTION = Projection(layer=1, head=0, meta={}, panels=(
+    Panel("train", "key", (0.0, 1.0), (1.0, 0.0), (1, 2)), Panel("ood_deeper", "key", (0.5,), (0.5,), (5,))))
 
 
 def test_json_round_trip_is_lossless(tmp_path) -> None:
@@ -51,7 +56,7 @@ def test_json_round_trip_is_lossless(tmp_path) -> None:
         for field in a.__dataclass_fields__:
             x, y = getattr(a, field), getattr(b, field)
             assert (isinstance(x, float) and math.isnan(x) and math.isnan(y)) or x == y
-    assert loaded.gaps == results.gaps and loaded.meta == results.meta and loaded.extras == results.extras
+    assert loaded.gaps == results.gaps and loaded.meta == results.meta and loaded.metrics == results.metrics
 
 
 def test_other_schema_version_refused(tmp_path) -> None:
@@ -89,7 +94,7 @@ def test_headline_and_gap() -> None:
 
 
 def test_report_is_self_contained(tmp_path) -> None:
-    path = write_report(_results(), tmp_path / "report.html")
+    path = write_report(_results(), tmp_path / "report.html", projection=PROJECTION)
     text = path.read_text()
     assert not re.search(r"<script[^>]*\ssrc=", text)  # plotly.js is inlined, nothing is fetched
     assert text.count("Plotly.newPlot") >= 3  # sweep, accuracy, projection

@@ -136,7 +136,7 @@ def test_state_round_trip_is_exact() -> None:
     (lambda: ip.PCA(2)(_acts(3, 8)), "not fitted"),
     (lambda: ip.KMeans(2).state_dict(), "not fitted"),
     (lambda: ip.PCA(2).fit(torch.arange(6).reshape(3, 2)), "must be a float tensor"),
-    (lambda: Simplifier.create("ica"), "unknown simplifier method 'ica'"),
+    (lambda: Simplifier.create("ica"), "unknown simplifier 'ica'; did you mean 'pca'?"),
 ])
 def test_bad_inputs_raise_one_line_errors(action, message: str) -> None:
     with pytest.raises(ip.IllusionProbeError) as err:

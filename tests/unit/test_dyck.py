@@ -222,9 +222,9 @@ def test_config_round_trip_and_presets() -> None:
     paper = DyckConfig.preset("paper")
     assert (paper.k, paper.m) == (20, 10)
     assert DyckConfig.preset("quick") == DyckConfig()
-    with pytest.raises(IllusionProbeError, match="unknown Dyck preset"):
+    with pytest.raises(IllusionProbeError, match="unknown dyck preset 'huge'"):
         DyckConfig.preset("huge")
-    with pytest.raises(IllusionProbeError, match="unknown field"):
+    with pytest.raises(IllusionProbeError, match="unknown setting 'depth'"):
         DyckTask.from_config_dict({**data["config"], "depth": 3})
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import illusion_probe as ip
+from illusion_probe.backends import Backend
 from illusion_probe.checkpoint import FORMAT_VERSION
 from illusion_probe.errors import ArtifactError, IllusionProbeError
-from illusion_probe.models import model_backend
 
 SIZES = ip.ModelSizes(d_vocab=11, n_ctx=16)
 TINY = ip.ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=7)
@@ -44,7 +44,7 @@ def test_build_model_leaves_global_rng_alone(backend: str) -> None:
 
 def test_auto_backend_follows_transformer_lens_major() -> None:
     model = ip.build_model(SIZES, TINY)
-    assert model_backend(model) == BACKENDS[0]
+    assert Backend.of(model).kind == BACKENDS[0]
 
 
 def test_sizes_come_from_the_task_object() -> None:
@@ -65,7 +65,8 @@ def test_sizes_come_from_the_task_object() -> None:
         ({"d_mlp": 0}, "d_mlp must be a positive"),
         ({"act_fn": "swish2"}, "act_fn"),
         ({"normalization": "batch"}, "normalization"),
-        ({"positional_embedding": "alibi9"}, "positional_embedding"),
+        ({"positional_embedding_type": "alibi9"}, "positional_embedding_type"),
+        ({"n_layers": 2.5}, "n_layers must be an integer"),
     ],
 )
 def test_bad_model_config_is_one_line_error(change: dict, message: str) -> None:
@@ -94,7 +95,7 @@ def test_checkpoint_round_trip_is_bit_identical(backend: str, tmp_path) -> None:
     path = ip.save_checkpoint(tmp_path / "ckpt", model, extra={"note": "hello"})
     loaded, task = ip.load_checkpoint(path)
     assert task is None
-    assert model_backend(loaded) == backend
+    assert Backend.of(loaded).kind == backend
     with torch.no_grad():
         assert torch.equal(model(tokens()), loaded(tokens()))
     meta = json.loads((path / "metadata.json").read_text())

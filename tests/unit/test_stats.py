@@ -1,4 +1,4 @@
-"""Bootstrap machinery and metric formulas against hand-computed values."""
+"""Bootstrap machinery, and the built-in metrics' reductions against hand-computed values."""
 
 from __future__ import annotations
 
@@ -6,11 +6,20 @@ import numpy as np
 import pytest
 
 from illusion_probe import stats
+from illusion_probe.metrics import Agreement, CEScore, ExplainedVariance
+
+
+def _ratio(totals):
+    return totals["num"] / totals["den"]
+
+
+def _estimate(sums, n_boot, seed):
+    resampled = stats.Resampled.of(sums, stats.bootstrap_weights(len(next(iter(sums.values()))), n_boot, seed))
+    return resampled.estimate(_ratio, {name: name for name in sums})
 
 
 def test_ratio_of_sums_point_estimate() -> None:
-    sums = {"num": np.array([1.0, 2.0, 0.0]), "den": np.array([2.0, 2.0, 1.0])}
-    est, samples = stats.estimate(stats.ratio, sums, stats.bootstrap_weights(3, 200, seed=0))
+    est, samples = _estimate({"num": np.array([1.0, 2.0, 0.0]), "den": np.array([2.0, 2.0, 1.0])}, 200, 0)
     assert est.value == 3.0 / 5.0
     assert samples.shape == (200,)
     assert est.ci_low <= est.value <= est.ci_high
@@ -20,9 +29,7 @@ def test_interval_narrows_with_more_data() -> None:
     rng = np.random.default_rng(0)
 
     def width(n: int) -> float:
-        correct = rng.binomial(10, 0.8, size=n).astype(float)
-        est, _ = stats.estimate(stats.ratio, {"num": correct, "den": np.full(n, 10.0)},
-                                stats.bootstrap_weights(n, 500, seed=1))
+        est, _ = _estimate({"num": rng.binomial(10, 0.8, size=n).astype(float), "den": np.full(n, 10.0)}, 500, 1)
         assert est.ci_low <= est.value <= est.ci_high
         return est.ci_high - est.ci_low
 
@@ -36,14 +43,25 @@ def test_bootstrap_is_seeded() -> None:
 
 
 def test_no_bootstrap_gives_nan_interval() -> None:
-    est, samples = stats.estimate(stats.ratio, {"num": np.ones(4), "den": np.ones(4)}, stats.bootstrap_weights(4, 0, 0))
+    est, samples = _estimate({"num": np.ones(4), "den": np.ones(4)}, 0, 0)
     assert est.value == 1.0 and np.isnan(est.ci_low) and samples.size == 0
 
 
+def test_undefined_values_are_nan_without_a_warning() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est, samples = _estimate({"num": np.zeros(4), "den": np.zeros(4)}, 20, 0)
+    assert np.isnan(est.value) and np.isnan(est.ci_low) and np.isnan(samples).all()
+
+
 def test_ce_score_of_perfect_and_ablated_proxy() -> None:
-    assert stats.ce_score(np.array(5.0), np.array(2.0), np.array(2.0)) == 1.0
-    assert stats.ce_score(np.array(5.0), np.array(5.0), np.array(2.0)) == 0.0
-    assert stats.ce_score(np.array(4.0), np.array(3.0), np.array(2.0)) == 0.5
+    score = CEScore().reduce
+    assert score({"ce_ablated": np.array(5.0), "ce_proxy": np.array(2.0), "ce_model": np.array(2.0)}) == 1.0
+    assert score({"ce_ablated": np.array(5.0), "ce_proxy": np.array(5.0), "ce_model": np.array(2.0)}) == 0.0
+    assert score({"ce_ablated": np.array(4.0), "ce_proxy": np.array(3.0), "ce_model": np.array(2.0)}) == 0.5
+    assert Agreement().reduce({"agree": np.array(3.0), "count": np.array(4.0)}) == 0.75
 
 
 def test_explained_variance_matches_definition() -> None:
@@ -52,25 +70,24 @@ def test_explained_variance_matches_definition() -> None:
     x_hat = x + rng.normal(scale=0.3, size=x.shape)
     flat, flat_hat = x.reshape(-1, 5), x_hat.reshape(-1, 5)
     expected = 1 - ((flat - flat_hat) ** 2).sum(1).mean() / ((flat**2).sum(1).mean() - (flat.mean(0) ** 2).sum())
-    got = stats.explained_variance(err=((x - x_hat) ** 2).sum(axis=(1, 2)).sum(), sq=(x**2).sum(axis=(1, 2)).sum(),
-                                   total=x.sum(axis=1).sum(0), count=np.array(12.0))
+    ev = ExplainedVariance().reduce
+    got = ev({"err": ((x - x_hat) ** 2).sum(), "sq": (x**2).sum(), "total": x.sum(axis=(0, 1)), "count": np.array(12.0)})
     assert np.isclose(got, expected)
-    assert np.isclose(stats.explained_variance(err=np.array(0.0), sq=(x**2).sum(), total=x.sum(axis=(0, 1)),
-                                               count=np.array(12.0)), 1.0)
+    assert np.isclose(ev({"err": np.array(0.0), "sq": (x**2).sum(), "total": x.sum(axis=(0, 1)),
+                          "count": np.array(12.0)}), 1.0)
 
 
 def test_resampled_equals_one_product_per_column() -> None:
     rng = np.random.default_rng(0)
     den = rng.random(30) + 1
     total = rng.random((30, 4))
-    total[:, 2] = den  # repeated columns are resampled once and must come back in every place
-    sums = {"num": rng.random(30), "den": den, "total": total, "den_again": den.copy()}
+    sums = {"num": rng.random(30), "den": den, "total": total, ("a", "tuple", "key"): den.copy()}
     weights = stats.bootstrap_weights(30, 50, seed=2)
     resampled = stats.Resampled.of(sums, weights)
     for key, values in sums.items():
         np.testing.assert_allclose(resampled.totals[key], values.sum(axis=0))
         np.testing.assert_allclose(resampled.samples[key], weights @ values)
     assert resampled.samples["total"].shape == (50, 4)
-    est, boot = resampled.estimate(stats.ratio, num="num", den="den")
+    est, boot = resampled.estimate(_ratio, {"num": "num", "den": ("a", "tuple", "key")})
     assert est.value == pytest.approx(sums["num"].sum() / sums["den"].sum())
     np.testing.assert_allclose(boot, (weights @ sums["num"]) / (weights @ sums["den"]))

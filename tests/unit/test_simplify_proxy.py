@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import illusion_probe as ip
-from illusion_probe.hook_names import hook_points
-from illusion_probe.models import ModelConfig, build_model, model_backend
+from illusion_probe.backends import Backend
+from illusion_probe.models import ModelConfig, build_model
 from tests.conftest import TINY_CONFIG, TINY_SIZES
+from tests.helpers import hook_count
 
 # (legacy name, canonical bridge name); HookedTransformer only knows the legacy one.
 HOOKS = {
@@ -22,15 +23,9 @@ NAME_STYLES = ("legacy", "canonical")
 
 def _hook(model: torch.nn.Module, kind: str, style: str) -> str:
     legacy, canonical = HOOKS[kind]
-    if style == "canonical" and model_backend(model) == "hooked":
+    if style == "canonical" and Backend.of(model).kind == "hooked":
         pytest.skip("HookedTransformer has only legacy hook names")
     return legacy if style == "legacy" else canonical
-
-
-def hook_count(model: torch.nn.Module) -> int:
-    """Forward hooks attached to any HookPoint (aliases share one HookPoint, so count each once)."""
-    points = {id(p): p for p in hook_points(model).values()}
-    return sum(len(p._forward_hooks) for p in points.values())
 
 
 @pytest.mark.parametrize("style", NAME_STYLES)
@@ -61,7 +56,7 @@ def test_save_load_reproduces_logits_exactly(model_family, random_train_split, t
     assert torch.equal(before, after) and not torch.allclose(before, model_family(tokens))
     assert loaded.name == proxy.name and loaded.hook_names == (resid, keys)
     meta = json.loads((tmp_path / "proxy" / "metadata.json").read_text())
-    assert (meta["kind"], meta["format_version"], meta["backend"]) == ("proxy", 1, model_backend(model_family))
+    assert (meta["kind"], meta["format_version"], meta["backend"]) == ("proxy", 1, Backend.of(model_family).kind)
     assert meta["fit"] == {"split": "train", "role": "train", "n_sequences": 16,
                            "n_tokens": int(random_train_split.real_mask[:16].sum())}
     assert meta["provenance"]["versions"]["transformer_lens"]

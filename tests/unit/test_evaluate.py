@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import illusion_probe as ip
+from tests.helpers import hook_count
 
 SIZES = ip.ModelSizes(d_vocab=13, n_ctx=12)
 
@@ -30,11 +31,6 @@ def splits():
     return ip.SplitSet([train, flagged, shifted])
 
 
-def _hook_count(model) -> int:
-    points = {id(h): h for h in model.hook_dict.values()}  # bridges list a HookPoint under legacy and canonical names
-    return sum(len(h._forward_hooks) for h in points.values())
-
-
 def _by(results, proxy, metric, split="test", category="all"):
     (record,) = results.select(proxy=proxy, metric=metric, split=split, category=category)
     return record
@@ -50,7 +46,7 @@ def test_identity_proxy_is_perfectly_faithful(model, splits) -> None:
         ev = results.select(proxy="full", metric="explained_variance", split=split)[0]
         assert ev.value == pytest.approx(1.0, abs=1e-5) and ev.hook == "blocks.1.hook_resid_pre"
         assert _by(results, "full", "acc_proxy", split).value == _by(results, "full", "acc_model", split).value
-    assert _hook_count(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_ablation_scores_zero_against_itself(model, splits) -> None:
@@ -117,21 +113,6 @@ def test_bad_inputs(model, splits) -> None:
         ip.evaluate(model, {"p": proxy}, ip.SplitSet([splits["train"], long]))
 
 
-@pytest.mark.parametrize("backend", ip.available_backends())
-def test_prefix_reuse_gives_the_same_numbers(backend, splits) -> None:
-    model = ip.build_model(SIZES, ip.ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0), backend=backend)
-    proxy = ip.fit_proxy(model, {"blocks.1.attn.hook_q": ip.PCA(rank=2)}, splits["train"])
-    fast = ip.evaluate(model, {"p": proxy}, splits, n_boot=20, reuse_prefix=True, progress=False)
-    full = ip.evaluate(model, {"p": proxy}, splits, n_boot=20, reuse_prefix=False, progress=False)
-    for a, b in zip(fast.records, full.records, strict=True):
-        assert (a.split, a.metric, a.category) == (b.split, b.metric, b.category)
-        assert a.value == pytest.approx(b.value, abs=1e-5)
-    # Bridges accept start_at_layer but still run the earlier blocks, so their blocks are called directly.
-    expected = "start_at_layer" if backend == "hooked" else "blocks"
-    assert fast.meta["evaluation"]["prefix_reuse"] == {1: expected}
-    assert full.meta["evaluation"]["prefix_reuse"] == {}
-
-
 def test_acc_delta_is_the_paired_difference(model, splits) -> None:
     proxy = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(rank=1)}, splits["train"])
     results = ip.evaluate(model, {"r1": proxy}, splits, n_boot=200, progress=False)
@@ -142,29 +123,24 @@ def test_acc_delta_is_the_paired_difference(model, splits) -> None:
         assert delta.ci_low <= delta.value <= delta.ci_high
 
 
-def test_stacking_proxies_in_one_pass_changes_nothing(model, splits) -> None:
-    hooks = ["blocks.1.attn.hook_k", "blocks.1.attn.hook_q"]
-    proxies = {f"r{r}": ip.fit_proxy(model, {h: ip.PCA(rank=r) for h in hooks}, splits["train"]) for r in (1, 2, 3)}
-    one = ip.evaluate(model, proxies, splits, n_boot=20, proxy_batch=1, progress=False)
-    stacked = ip.evaluate(model, proxies, splits, n_boot=20, proxy_batch=3, progress=False)
-    assert len(one.records) == len(stacked.records)
-    for a, b in zip(one.records, stacked.records, strict=True):
-        assert (a.split, a.proxy, a.metric, a.hook) == (b.split, b.proxy, b.metric, b.hook)
-        assert a.value == pytest.approx(b.value, abs=1e-5)
-
-
-def test_prefix_reuse_on_every_model_family(model_family, random_train_split) -> None:
-    """Whatever way of resuming a family gets (or none), the numbers equal those of full passes."""
+def test_resumed_passes_match_a_hand_computation_on_every_model_family(model_family, random_train_split) -> None:
+    """Whether a family resumes at the hooked block (HookedTransformer, native bridges) or runs whole
+    (bridges around Hugging Face models), the numbers equal full passes computed by hand."""
     split = random_train_split
     held_out = ip.Split.from_tokens(split.tokens.flip(0), "ood", name="ood_flipped", pad_id=0)
-    splits = ip.SplitSet([split, held_out])
     proxy = ip.fit_proxy(model_family, {"blocks.1.hook_resid_pre": ip.PCA(rank=2)}, split)
-    fast = ip.evaluate(model_family, {"p": proxy}, splits, n_boot=0, reuse_prefix=True, progress=False)
-    full = ip.evaluate(model_family, {"p": proxy}, splits, n_boot=0, reuse_prefix=False, progress=False)
-    for a, b in zip(fast.records, full.records, strict=True):
-        assert (a.split, a.metric, a.category) == (b.split, b.metric, b.category)
-        assert a.value == pytest.approx(b.value, abs=1e-5, nan_ok=True)
-    assert fast.meta["evaluation"]["prefix_reuse"][1] in ("start_at_layer", "blocks", None)
+    results = ip.evaluate(model_family, {"p": proxy}, ip.SplitSet([split, held_out]), n_boot=0, batch_size=5,
+                          progress=False)
+    for name, s in (("train", split), ("ood_flipped", held_out)):
+        with torch.no_grad():
+            clean = model_family(s.tokens)
+            with proxy.applied(model_family):
+                proxied = model_family(s.tokens)
+        expected = (clean.argmax(-1) == proxied.argmax(-1))[s.eval_mask].double().mean().item()
+        assert _by(results, "p", "agreement", name).value == pytest.approx(expected, abs=1e-12)
+    resumed = results.meta["evaluation"]["resumed_at"]["p"]
+    assert resumed == (None if results.meta["backend"] == "bridge_hf" else 1)
+    assert hook_count(model_family) == 0
 
 
 def test_baseline_pass_is_shared_with_a_proxy_making_the_same_edit(model, splits) -> None:
