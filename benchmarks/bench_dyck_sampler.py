@@ -18,29 +18,14 @@ import time
 
 import torch
 
-from illusion_probe.tasks.dyck_sampler import SamplerSpec, iter_batches, sample_batch
-
-
-def python_sample(spec: SamplerSpec, rng: random.Random) -> list[int] | None:
-    """One draw of the process, token by token; ``None`` when it would exceed ``max_len``."""
-    seq, stack = [0], []
-    while True:
-        if not stack and len(seq) >= spec.min_len and rng.random() < 0.5:
-            return seq
-        if len(seq) == spec.max_len:
-            return None
-        if not stack or (len(stack) < spec.max_depth and rng.random() >= 0.5):
-            stack.append(rng.randrange(spec.k))
-            seq.append(2 + stack[-1])
-        else:
-            seq.append(2 + spec.k + stack.pop())
+from illusion_probe.tasks.dyck_sampler import SamplerSpec, iter_batches, reference_sample, sample_batch
 
 
 def python_round(spec: SamplerSpec, rng: random.Random, seconds: float) -> float:
     """Accepted sequences per second of the per-token Python sampler over one timed round."""
     accepted, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        accepted += sum(python_sample(spec, rng) is not None for _ in range(1000))
+        accepted += sum(reference_sample(spec, rng) is not None for _ in range(1000))
     return accepted / (time.perf_counter() - start)
 
 

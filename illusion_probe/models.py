@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -27,6 +27,7 @@ NORMALIZATIONS: tuple[str | None, ...] = ("LN", "LNPre", "RMS", "RMSPre", None)
 POSITIONAL_EMBEDDINGS: tuple[str, ...] = ("standard", "rotary")
 
 
+@runtime_checkable
 class HasSizes(Protocol):
     """Anything that knows the vocabulary size and context length (a task, or :class:`ModelSizes`)."""
 

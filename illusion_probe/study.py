@@ -65,13 +65,15 @@ class EvaluationConfig:
     Attributes:
         max_sequences: cap on sequences evaluated per split.
         n_boot: bootstrap resamples for the 95% intervals (0: no intervals).
-        batch_size: sequences per evaluation forward pass.
+        batch_size: sequences per evaluation forward pass at most.
+        batch_tokens: positions per evaluation forward pass at most (long sequences come in smaller batches).
         ablation: baseline of the CE score: ``mean`` or ``zero``.
     """
 
     max_sequences: int = 2000
     n_boot: int = 1000
-    batch_size: int = 256
+    batch_size: int = 64
+    batch_tokens: int = 4096
     ablation: str = "mean"
 
     def __post_init__(self) -> None:
@@ -79,6 +81,7 @@ class EvaluationConfig:
         require(self.max_sequences >= 1, f"evaluation.max_sequences must be >= 1, got {self.max_sequences}")
         require(self.n_boot >= 0, f"evaluation.n_boot must be >= 0, got {self.n_boot}")
         require(self.batch_size >= 1, f"evaluation.batch_size must be >= 1, got {self.batch_size}")
+        require(self.batch_tokens >= 1, f"evaluation.batch_tokens must be >= 1, got {self.batch_tokens}")
         require(self.ablation in ABLATIONS, f"evaluation.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
 
 

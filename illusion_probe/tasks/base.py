@@ -98,17 +98,29 @@ class Split:
         """The first ``n`` sequences (all of them if there are fewer)."""
         return self.select(slice(0, n))
 
-    def batches(self, batch_size: int, longest_first: bool = False) -> Iterator[Split]:
+    def batches(self, batch_size: int, longest_first: bool = False, max_tokens: int | None = None) -> Iterator[Split]:
         """Sub-splits of at most ``batch_size`` sequences, each trimmed to its longest sequence.
 
         Consecutive by default; with ``longest_first`` the sequences are taken in order of
         decreasing length (stable), so that a batch holds sequences of similar length and a
-        model run on it computes little padding.
+        model run on it computes little padding. With ``max_tokens``, a batch also holds at most
+        that many positions (sequences times the longest), so long sequences come in smaller
+        batches; a sequence longer than ``max_tokens`` gets a batch of its own.
         """
         require(batch_size > 0, f"batch_size must be positive, got {batch_size}")
-        order = torch.sort(self.lengths, descending=True, stable=True).indices if longest_first else None
-        for start in range(0, len(self), batch_size):
-            yield self.select(slice(start, start + batch_size) if order is None else order[start:start + batch_size])
+        require(max_tokens is None or max_tokens > 0, f"max_tokens must be positive, got {max_tokens}")
+        order = torch.sort(self.lengths, descending=True, stable=True).indices if longest_first else torch.arange(len(self))
+        lengths = self.lengths[order].tolist()
+        start = 0
+        while start < len(lengths):
+            end, width = start + 1, lengths[start]
+            while end < len(lengths) and end - start < batch_size:
+                wider = max(width, lengths[end])
+                if max_tokens is not None and wider * (end - start + 1) > max_tokens:
+                    break
+                end, width = end + 1, wider
+            yield self.select(order[start:end] if longest_first else slice(start, end))
+            start = end
 
     def to(self, device: str | torch.device) -> Split:
         """The same split with every tensor on ``device``."""

@@ -101,6 +101,8 @@ class DyckConfig:
         require(self.max_len >= 2 * self.m + 3,
                 f"DyckConfig: ood_deeper needs depth {self.m + 1} within max_len={self.max_len}; "
                 f"use max_len >= {2 * self.m + 3}")
+        require(self.ood_max_len < 2**15, f"DyckConfig.ood_max_len={self.ood_max_len} is beyond the 32,767 tokens "
+                "a Dyck split holds (positions are stored as int16); use shorter sequences")
         require(self.ood_max_len >= _shortest(self.max_len + 1),
                 f"DyckConfig.ood_max_len={self.ood_max_len} leaves no room for ood_longer sequences longer than "
                 f"max_len={self.max_len}; use ood_max_len >= {_shortest(self.max_len + 1)}")
@@ -246,7 +248,8 @@ class DyckTask(Task):
             held = {s for row in tokens.tolist() for s in _skeletons(row, k) if self.is_held_out(s)}
             meta["held_out_skeletons_seen"] = len(held)
         split = Split(name=recipe.name, role=recipe.role, tokens=tokens, eval_mask=eval_mask, targets=targets,
-                      real_mask=real, labels={"depth": depth, "match_pos": match_pos}, meta=meta)
+                      real_mask=real, labels={"depth": depth.to(torch.int16), "match_pos": match_pos.to(torch.int16)},
+                      meta=meta)
         return split.select(slice(None))  # trim all-pad columns
 
 

@@ -17,6 +17,7 @@ bracket types are drawn per pair.
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -147,6 +148,22 @@ def sample_batch(
     has_held_out = (torch.zeros(n, dtype=torch.bool) if holdout is None
                     else _held_out_blocks(depth, holdout).any(dim=1))
     return SampleBatch(tokens, lengths, deepest, has_held_out)
+
+
+def reference_sample(spec: SamplerSpec, rng: random.Random) -> list[int] | None:
+    """One draw of the process token by token, the way DESIGN section 5 states it; ``None`` when it would
+    exceed ``max_len``. Slow: it is the definition :func:`sample_batch` is tested and benchmarked against."""
+    seq, stack = [BOS_ID], []
+    while True:
+        if not stack and len(seq) >= spec.min_len and rng.random() < 0.5:
+            return seq
+        if len(seq) == spec.max_len:
+            return None
+        if not stack or (len(stack) < spec.max_depth and rng.random() >= 0.5):
+            stack.append(rng.randrange(spec.k))
+            seq.append(FIRST_OPEN_ID + stack[-1])
+        else:
+            seq.append(FIRST_OPEN_ID + spec.k + stack.pop())
 
 
 def _depth_paths(spec: SamplerSpec, batch_size: int, generator: torch.Generator) -> Tensor:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from illusion_probe.errors import IllusionProbeError
 from illusion_probe.tasks import task_from_dict
 from illusion_probe.tasks.dyck import DyckConfig, DyckTask
-from illusion_probe.tasks.dyck_sampler import SamplerSpec, bracket_labels, iter_batches, sample_batch
+from illusion_probe.tasks.dyck_sampler import SamplerSpec, bracket_labels, iter_batches, reference_sample, sample_batch
 
 SMALL = DyckConfig(k=3, m=3, max_len=20, min_len=5, n_train=300, n_test=80, n_ood=60, ood_max_len=28,
                    ood_max_depth=5, holdout_fraction=0.4)
@@ -154,21 +154,6 @@ def test_tiny_skeletons_are_never_held_out() -> None:
         assert not holdout.is_held_out("()") and not holdout.is_held_out("(())")
 
 
-def python_process(spec: SamplerSpec, rng: random.Random) -> list[int] | None:
-    """The process step by step, one token at a time; None when it overflows ``max_len``."""
-    seq, stack = [0], []
-    while True:
-        if not stack and len(seq) >= spec.min_len and rng.random() < 0.5:
-            return seq
-        if len(seq) == spec.max_len:
-            return None
-        if not stack or (len(stack) < spec.max_depth and rng.random() >= 0.5):
-            stack.append(rng.randrange(spec.k))
-            seq.append(2 + stack[-1])
-        else:
-            seq.append(2 + spec.k + stack.pop())
-
-
 def total_variation(a: list[int], b: list[int]) -> float:
     """Total variation distance between the empirical distributions of two samples."""
     support = set(a) | set(b)
@@ -178,7 +163,7 @@ def total_variation(a: list[int], b: list[int]) -> float:
 def test_sampler_matches_a_per_token_python_process_in_distribution() -> None:
     spec = SamplerSpec(k=2, max_depth=3, min_len=5, max_len=21)
     rng = random.Random(0)
-    python = [s for s in (python_process(spec, rng) for _ in range(20000)) if s is not None]
+    python = [s for s in (reference_sample(spec, rng) for _ in range(20000)) if s is not None]
     batch = sample_batch(spec, 20000, torch.Generator().manual_seed(0))
     accept_python, accept_vector = len(python) / 20000, len(batch.lengths) / 20000
     assert abs(accept_python - accept_vector) < 0.02
