@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "fit_proxy": "illusion_probe.simplify.proxy",
     # evaluation and report
     "Metric": "illusion_probe.metrics",
+    "PositionMean": "illusion_probe.metrics",
     "HookMetric": "illusion_probe.metrics",
     "Scored": "illusion_probe.metrics",
     "evaluate": "illusion_probe.evaluation",
@@ -93,7 +94,7 @@ if TYPE_CHECKING:
     from illusion_probe.errors import ArtifactError, IllusionProbeError
     from illusion_probe.evaluation import evaluate
     from illusion_probe.hook_names import resolve_hook_name
-    from illusion_probe.metrics import HookMetric, Metric, Scored
+    from illusion_probe.metrics import HookMetric, Metric, PositionMean, Scored
     from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
     from illusion_probe.pipeline import reproduce
     from illusion_probe.registry import register_metric, register_simplifier, register_task

@@ -170,79 +170,78 @@ def resolve_metrics(metrics: list[str | AnyMetric] | None) -> list[AnyMetric]:
 # -- built-in metrics over scored positions ---------------------------------------------------------
 
 
+class PositionMean(Metric):
+    """A metric that is the mean of one value per scored position: implement :meth:`value` only."""
+
+    @abstractmethod
+    def value(self, scored: Scored) -> Float[Tensor, " n"]:
+        """The value at each scored position of the chunk."""
+
+    def terms(self, scored: Scored) -> dict[str, Tensor]:
+        return {"sum": self.value(scored)}
+
+    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
+        return totals["sum"] / totals["count"]
+
+
 @register_metric
-class ModelAccuracy(Metric):
+class ModelAccuracy(PositionMean):
     """``acc_model``: share of scored positions the model predicts correctly."""
 
     name = "acc_model"
     title = "model accuracy"
     higher_is_better = None
 
-    def terms(self, scored: Scored) -> dict[str, Tensor]:
-        return {"correct": (scored.model.pred == scored.targets).float()}
-
-    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
-        return totals["correct"] / totals["count"]
+    def value(self, scored: Scored) -> Tensor:
+        return (scored.model.pred == scored.targets).float()
 
 
 @register_metric
-class ProxyAccuracy(Metric):
+class ProxyAccuracy(PositionMean):
     """``acc_proxy``: share of scored positions the proxy predicts correctly."""
 
     name = "acc_proxy"
     title = "proxy accuracy"
     higher_is_better = None
 
-    def terms(self, scored: Scored) -> dict[str, Tensor]:
-        return {"correct": (scored.proxy.pred == scored.targets).float()}
-
-    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
-        return totals["correct"] / totals["count"]
+    def value(self, scored: Scored) -> Tensor:
+        return (scored.proxy.pred == scored.targets).float()
 
 
 @register_metric
-class AccuracyDelta(Metric):
+class AccuracyDelta(PositionMean):
     """``acc_delta``: proxy accuracy minus model accuracy, paired over the same positions."""
 
     name = "acc_delta"
     title = "proxy − model accuracy"
     higher_is_better = None
 
-    def terms(self, scored: Scored) -> dict[str, Tensor]:
-        return {"delta": (scored.proxy.pred == scored.targets).float() - (scored.model.pred == scored.targets).float()}
-
-    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
-        return totals["delta"] / totals["count"]
+    def value(self, scored: Scored) -> Tensor:
+        return (scored.proxy.pred == scored.targets).float() - (scored.model.pred == scored.targets).float()
 
 
 @register_metric
-class Agreement(Metric):
+class Agreement(PositionMean):
     """``agreement``: share of scored positions where the proxy predicts what the model predicts."""
 
     name = "agreement"
     title = "agreement with the model"
 
-    def terms(self, scored: Scored) -> dict[str, Tensor]:
-        return {"agree": (scored.proxy.pred == scored.model.pred).float()}
-
-    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
-        return totals["agree"] / totals["count"]
+    def value(self, scored: Scored) -> Tensor:
+        return (scored.proxy.pred == scored.model.pred).float()
 
 
 @register_metric
-class KLDivergence(Metric):
+class KLDivergence(PositionMean):
     """``kl``: mean KL(model ‖ proxy) over the full output vocabulary, in nats."""
 
     name = "kl"
     title = "KL(model ‖ proxy), nats"
     higher_is_better = False
 
-    def terms(self, scored: Scored) -> dict[str, Tensor]:
+    def value(self, scored: Scored) -> Tensor:
         p = scored.model.logp
-        return {"kl": (p.exp() * (p - scored.proxy.logp)).sum(-1)}
-
-    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
-        return totals["kl"] / totals["count"]
+        return (p.exp() * (p - scored.proxy.logp)).sum(-1)
 
 
 @register_metric

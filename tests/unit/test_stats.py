@@ -61,7 +61,7 @@ def test_ce_score_of_perfect_and_ablated_proxy() -> None:
     assert score({"ce_ablated": np.array(5.0), "ce_proxy": np.array(2.0), "ce_model": np.array(2.0)}) == 1.0
     assert score({"ce_ablated": np.array(5.0), "ce_proxy": np.array(5.0), "ce_model": np.array(2.0)}) == 0.0
     assert score({"ce_ablated": np.array(4.0), "ce_proxy": np.array(3.0), "ce_model": np.array(2.0)}) == 0.5
-    assert Agreement().reduce({"agree": np.array(3.0), "count": np.array(4.0)}) == 0.75
+    assert Agreement().reduce({"sum": np.array(3.0), "count": np.array(4.0)}) == 0.75
 
 
 def test_explained_variance_matches_definition() -> None:
