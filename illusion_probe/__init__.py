@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     # errors
     "IllusionProbeError": "illusion_probe.errors",
     "ArtifactError": "illusion_probe.errors",
+    "IllusionProbeWarning": "illusion_probe.errors",
     # registries
     "register_simplifier": "illusion_probe.registry",
     "register_task": "illusion_probe.registry",
@@ -64,11 +65,14 @@ _EXPORTS: dict[str, str] = {
     "StudyConfig": "illusion_probe.study",
     "load_study": "illusion_probe.study",
     "reproduce": "illusion_probe.pipeline",
+    "load_model": "illusion_probe.loading",
+    "audit": "illusion_probe.audit",
+    "AuditConfig": "illusion_probe.audit",
 }
 
 #: Submodules reachable as attributes (``ip.models``, ``ip.metrics``, ...).
-_SUBMODULES = ("analysis", "backends", "checkpoint", "cli", "config", "errors", "evaluation", "hook_names", "metrics",
-               "models", "pipeline", "registry", "report", "results", "simplify", "stats", "study", "sweeps", "tasks",
+_SUBMODULES = ("analysis", "backends", "checkpoint", "cli", "config", "errors", "evaluation", "hook_names", "loading",
+               "metrics", "models", "pipeline", "registry", "report", "results", "simplify", "stats", "study", "sweeps", "tasks",
                "training")
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -90,10 +94,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from illusion_probe.audit import AuditConfig, audit
     from illusion_probe.checkpoint import load_checkpoint, save_checkpoint
-    from illusion_probe.errors import ArtifactError, IllusionProbeError
+    from illusion_probe.errors import ArtifactError, IllusionProbeError, IllusionProbeWarning
     from illusion_probe.evaluation import evaluate
     from illusion_probe.hook_names import resolve_hook_name
+    from illusion_probe.loading import load_model
     from illusion_probe.metrics import HookMetric, Metric, PositionMean, Scored
     from illusion_probe.models import ModelConfig, ModelSizes, available_backends, build_model
     from illusion_probe.pipeline import reproduce

@@ -29,15 +29,19 @@ def _runs(args: argparse.Namespace) -> list:
     from illusion_probe.study import load_study
 
     require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
-    if args.threads is not None:
-        import torch
-
-        require(args.threads >= 1, f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     study = load_study(args.task, args.preset, args.config, args.set)
     out = Path(args.out)
     return [prepare(study, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed)
             for seed in range(args.seeds)]
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        require(threads >= 1, f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _fmt(value: float | None) -> str:
@@ -45,13 +49,16 @@ def _fmt(value: float | None) -> str:
 
 
 def print_summary(results, files: Sequence[Path]) -> None:
-    """The headline table: per swept family, the smallest size at 99% test agreement and its OOD agreement."""
-    ood = results.splits_with_role("ood")
-    width = max(len(s) for s in ["test", *ood])
-    header = f"{'proxy (agreement with the model)':<48} " + " ".join(f"{s:>{width}}" for s in ["test", *ood])
+    """The headline table: per swept family, the smallest size at 99% agreement on the first in-distribution
+    split, and its agreement on every other evaluation split; then size-free proxies and the model's accuracy."""
+    splits = [*results.splits_with_role("id"), *results.splits_with_role("ood")]
+    id_split = splits[0] if results.splits_with_role("id") else "test"
+    width = max(len(s) for s in splits)
+    header = f"{'proxy (agreement with the model)':<48} " + " ".join(f"{s:>{width}}" for s in splits)
     print(header)
     print("-" * len(header))
-    rows = [(row["proxy"] + ("" if row["reached"] else " (<99%)"), row["proxy"]) for row in results.headline()]
+    rows = [(row["proxy"] + ("" if row["reached"] else " (<99%)"), row["proxy"])
+            for row in results.headline(id_split=id_split)]
     rows += [(p, p) for p in dict.fromkeys(r.proxy for r in results.records if r.size is None)]
 
     def cell(split: str, proxy: str, metric: str) -> str:
@@ -59,10 +66,10 @@ def print_summary(results, files: Sequence[Path]) -> None:
         return _fmt(found[0].value if found else None)
 
     for label, proxy in rows:
-        print(f"{label[:48]:<48} " + " ".join(f"{cell(s, proxy, 'agreement'):>{width}}" for s in ["test", *ood]))
+        print(f"{label[:48]:<48} " + " ".join(f"{cell(s, proxy, 'agreement'):>{width}}" for s in splits))
     if rows:
-        print(f"{'model accuracy':<48} " + " ".join(f"{cell(s, rows[0][1], 'acc_model'):>{width}}" for s in ["test", *ood]))
-    print("headline: smallest size per family reaching 99% test agreement")
+        print(f"{'model accuracy':<48} " + " ".join(f"{cell(s, rows[0][1], 'acc_model'):>{width}}" for s in splits))
+    print(f"headline: smallest size per family reaching 99% agreement on {id_split}")
     print("wrote: " + ", ".join(str(f) for f in files))
 
 
@@ -84,6 +91,23 @@ def _train(args: argparse.Namespace) -> int:
     for run in _runs(args):
         _, info = train_stage(run)
         print(f"wrote: {run.out / 'checkpoint'} (trained in {info.get('train_seconds', 0)} s)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from illusion_probe.audit import audit, audit_config
+
+    _set_threads(args.threads)
+    splits = {}
+    for item in args.split:
+        name, sep, path = item.partition("=")
+        require(bool(sep and name and path), f"--split {item!r}: write NAME=FILE, e.g. --split ood_prose=prose.txt")
+        splits[name] = path
+    config = audit_config({"model": args.model, "fit": args.fit, "splits": splits, "proxies": args.proxy,
+                           "window": args.window, "max_sequences": args.max_sequences}, args.config, args.set)
+    results = audit(config, args.out, args.device)
+    out = Path(args.out)
+    print_summary(results, [out / "results.json", out / "results.csv", out / "report.html"])
     return 0
 
 
@@ -136,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text, aliases=aliases, formatter_class=formatter)
         _add_run_options(sub, tasks)
         sub.set_defaults(run=run, command=name)
+    text = "audit any model on your own text: fit proxies on one file, evaluate them on others"
+    audit = commands.add_parser("audit", help=text, description=text, formatter_class=formatter)
+    audit.add_argument("--model", default=None, help="a checkpoint, a save_pretrained folder, or a hub name")
+    audit.add_argument("--fit", default=None, metavar="FILE",
+                       help="in-distribution text the proxies are fitted on (.txt: a document per line; .jsonl: "
+                            "a 'text' field per line; a folder: a document per file; other: one document)")
+    audit.add_argument("--split", action="append", default=[], metavar="NAME=FILE",
+                       help="text to evaluate on (repeatable); names starting with 'ood' are out of distribution")
+    audit.add_argument("--proxy", action="append", default=[], metavar="METHOD[:SIZES]@HOOKS",
+                       help="e.g. pca:4,8,16@blocks.6.hook_resid_pre, kmeans:64@blocks.6.attn.hook_k, onehot@6 "
+                            "(repeatable)")
+    audit.add_argument("--window", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    audit.add_argument("--max-sequences", type=int, default=None, help="windows per split at most (default 2000)")
+    audit.add_argument("--config", default=None, metavar="PATH", help="a TOML file with [audit] and [evaluation] tables")
+    audit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one setting of the config, e.g. --set evaluation.n_boot=200")
+    audit.add_argument("--out", default="runs/audit", help="where results.json, results.csv and report.html go")
+    audit.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    audit.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    audit.set_defaults(run=_audit)
     report = commands.add_parser("report", help="rebuild report.html from a results.json", formatter_class=formatter)
     report.add_argument("results", help="path to results.json (a projection.json beside it is included)")
     report.add_argument("--out", default=None, help="where to write the HTML (default: beside results.json)")

@@ -20,3 +20,7 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`IllusionProbeError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise IllusionProbeError(message)
+
+
+class IllusionProbeWarning(UserWarning):
+    """Something a user should know that does not stop the work (a PCA rank beyond the data's rank)."""

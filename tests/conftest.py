@@ -9,8 +9,6 @@ the others. ``model_family`` is parametrised over the three.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -49,9 +47,9 @@ def native_bridge() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def hf_gpt2_bridge(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
     """A bridge over a random HF GPT-2 saved locally; booted offline (no tokenizer needed)."""
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
+
+    from tests.hf_models import boot
 
     folder = tmp_path_factory.mktemp("tiny_gpt2")
     config = GPT2Config(n_layer=TINY_CONFIG.n_layers, n_embd=TINY_CONFIG.d_model, n_head=TINY_CONFIG.n_heads,
@@ -59,19 +57,7 @@ def hf_gpt2_bridge(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         GPT2LMHeadModel(config).save_pretrained(folder)
-    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({key: "1" for key in saved})
-    hf_logging.disable_progress_bar()
-    try:
-        model = TransformerBridge.boot_transformers(str(folder), device="cpu")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    model.eval()
-    return model
+    return boot(folder)
 
 
 @pytest.fixture(params=MODEL_FAMILIES)

@@ -10,13 +10,14 @@ is cheaper for the rank.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from illusion_probe.errors import require
+from illusion_probe.errors import IllusionProbeWarning, require
 from illusion_probe.registry import register_simplifier
 from illusion_probe.simplify.base import FittedSimplifier
 
@@ -73,6 +74,29 @@ class PCA(FittedSimplifier):
         self.components = vectors.flip(-1)[..., : self.rank].to(torch.float32).contiguous()
         self.mean = (mean if self.center else torch.zeros_like(mean)).to(torch.float32)
         del self._sum, self._gram
+        self._warn_beyond_numerical_rank()
+
+    def _warn_beyond_numerical_rank(self) -> None:
+        """Warn when ``rank`` exceeds the fitted data's numerical rank: the extra directions are arbitrary.
+
+        Numerical rank as ``numpy.linalg.matrix_rank`` counts it, for float32 activations: singular values
+        above ``largest * feature * eps(float32)``.
+        """
+        singular = self.eigenvalues.sqrt()
+        tolerance = singular[..., :1] * singular.shape[-1] * torch.finfo(torch.float32).eps
+        numerical = int((singular > tolerance).sum(-1).min())
+        if self.rank > numerical:
+            warnings.warn(f"{self.describe()}: the fitted activations have numerical rank {numerical}, so "
+                          f"{self.rank - numerical} of the kept directions are arbitrary; use rank <= {numerical} "
+                          "or fit on more varied data", IllusionProbeWarning, stacklevel=4)
+
+    def _fitted_config(self) -> dict[str, Any]:
+        """The fitted shape and sample count, plus the explained variance ratio of each kept component, per group."""
+        if not self.is_fitted:
+            return super()._fitted_config()
+        ratio = self.explained_variance_ratio[..., : self.rank]
+        return {**super()._fitted_config(), "explained_variance_ratio": [[round(float(v), 6) for v in group]
+                                                                         for group in ratio]}
 
     @property
     def explained_variance_ratio(self) -> Float[Tensor, "group feature"]:

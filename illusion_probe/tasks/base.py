@@ -59,7 +59,13 @@ class Split:
                 tuple(tensor.shape) == tuple(self.tokens.shape),
                 f"split {self.name!r}: {label} has shape {tuple(tensor.shape)}, tokens {tuple(self.tokens.shape)}",
             )
-        require(self.eval_mask.dtype == torch.bool, f"split {self.name!r}: eval_mask must be bool")
+        for mask in ("eval_mask", "real_mask"):
+            require(getattr(self, mask).dtype == torch.bool, f"split {self.name!r}: {mask} must be a bool tensor")
+        require(not bool((self.real_mask[:, 1:] & ~self.real_mask[:, :-1]).any()),
+                f"split {self.name!r}: padding must be on the right (real tokens first, then padding); "
+                "a sequence has a pad before a real token")
+        require(not bool((self.eval_mask & ~self.real_mask).any()),
+                f"split {self.name!r}: eval_mask scores a padded position; score real positions only")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -135,7 +141,7 @@ class Split:
 
     @classmethod
     def from_tokens(
-        cls, tokens: Tensor, role: Role, name: str = "custom", pad_id: int | None = None
+        cls, tokens: Int[Tensor, "n pos"], role: Role, name: str = "custom", pad_id: int | None = None
     ) -> Split:
         """A plain next-token split: every real position followed by a real token is scored.
 
@@ -145,18 +151,79 @@ class Split:
             name: split name used in results.
             pad_id: padding id, or ``None`` when every token is real.
         """
-        if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise IllusionProbeError("Split.from_tokens: tokens must be an integer tensor of shape [n, pos]")
-        require(tokens.ndim == 2 and tokens.shape[1] >= 2,
-                f"Split.from_tokens: tokens must be [n, pos] with pos >= 2, got shape {tuple(tokens.shape)}")
-        tokens = tokens.long()
+        tokens = _integer_tokens(tokens, "Split.from_tokens")
         real = torch.ones_like(tokens, dtype=torch.bool) if pad_id is None else tokens != pad_id
-        eval_mask = torch.zeros_like(real)
-        eval_mask[:, :-1] = real[:, :-1] & real[:, 1:]
-        targets = torch.full_like(tokens, 0 if pad_id is None else pad_id)
-        targets[:, :-1] = torch.where(eval_mask[:, :-1], tokens[:, 1:], targets[:, :-1])
-        require(bool(eval_mask.any()), f"Split.from_tokens: split {name!r} has no scored positions")
-        return cls(name=name, role=role, tokens=tokens, eval_mask=eval_mask, targets=targets, real_mask=real)
+        return cls.next_token(tokens, real, role, name)
+
+    @classmethod
+    def next_token(cls, tokens: Int[Tensor, "n pos"], real_mask: Bool[Tensor, "n pos"], role: Role,
+                   name: str = "custom", meta: dict[str, Any] | None = None) -> Split:
+        """A next-token split whose real positions are given: position ``p`` is scored when ``p + 1`` is real."""
+        eval_mask = torch.zeros_like(real_mask)
+        eval_mask[:, :-1] = real_mask[:, :-1] & real_mask[:, 1:]
+        targets = torch.zeros_like(tokens)
+        targets[:, :-1] = torch.where(eval_mask[:, :-1], tokens[:, 1:], 0)
+        require(bool(eval_mask.any()), f"split {name!r} has no scored positions (every sequence needs two real tokens)")
+        return cls(name=name, role=role, tokens=tokens, eval_mask=eval_mask, targets=targets, real_mask=real_mask,
+                   meta=dict(meta or {}))
+
+    @classmethod
+    def from_scored(
+        cls, tokens: Int[Tensor, "n pos"], eval_mask: Bool[Tensor, "n pos"], targets: Int[Tensor, "n pos"],
+        role: Role = "id", name: str = "custom", pad_id: int | None = None,
+    ) -> Split:
+        """A split whose targets are not the next token (a per-position classifier, a model whose output
+        vocabulary differs from its input): the output id at ``targets`` is scored where ``eval_mask``.
+
+        Args:
+            tokens: ``[n, pos]`` input ids, right-padded with ``pad_id`` if given.
+            eval_mask: ``[n, pos]`` True where the model's output at that position is scored.
+            targets: ``[n, pos]`` the correct output id where ``eval_mask`` (anything elsewhere).
+            role: ``"train"``, ``"id"`` or ``"ood"``.
+            name: split name used in results.
+            pad_id: padding id; positions holding it are not real (default: every position is real).
+        """
+        tokens = _integer_tokens(tokens, "Split.from_scored")
+        require(isinstance(eval_mask, Tensor) and eval_mask.dtype == torch.bool and eval_mask.shape == tokens.shape,
+                f"Split.from_scored: eval_mask must be a bool tensor of shape {tuple(tokens.shape)}")
+        require(isinstance(targets, Tensor) and targets.shape == tokens.shape and not targets.dtype.is_floating_point
+                and targets.dtype != torch.bool, f"Split.from_scored: targets must be integer ids of shape {tuple(tokens.shape)}")
+        require(bool(eval_mask.any()), f"Split.from_scored: split {name!r} has no scored position")
+        real = torch.ones_like(eval_mask) if pad_id is None else tokens != pad_id
+        return cls(name=name, role=role, tokens=tokens, eval_mask=eval_mask.clone(),
+                   targets=torch.where(eval_mask, targets.long(), 0), real_mask=real)
+
+    @classmethod
+    def from_text(cls, model: Any, texts: Any, role: Role = "id", window: int | None = None, name: str = "custom",
+                  stride: int | None = None, max_sequences: int | None = None) -> Split:
+        """A next-token split of text, tokenised with the model's own tokenizer into windows of ``window`` tokens.
+
+        Args:
+            model: a HookedTransformer or TransformerBridge with a tokenizer.
+            texts: a list of documents, or a path: a ``.jsonl`` file (the ``text`` field of each line), a
+                ``.txt`` file (one document per non-empty line), a directory (one document per file) or any
+                other file (one document).
+            role: ``"train"``, ``"id"`` or ``"ood"``.
+            window: tokens per sequence, the BOS token included when the model prepends one (at most its
+                context; default: its context).
+            name: split name used in results.
+            stride: tokens between window starts within a document (default: windows do not overlap).
+            max_sequences: keep only the first windows, in document order.
+
+        Returns:
+            A split whose ``meta`` records the documents used and skipped (and why), windows and tokens.
+        """
+        from illusion_probe.tasks.text import split_from_text
+
+        return split_from_text(model, texts, role, window, name, stride, max_sequences)
+
+
+def _integer_tokens(tokens: Any, where: str) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise IllusionProbeError(f"{where}: tokens must be an integer tensor of shape [n, pos]")
+    require(tokens.ndim == 2 and tokens.shape[1] >= 2,
+            f"{where}: tokens must be [n, pos] with pos >= 2, got shape {tuple(tokens.shape)}")
+    return tokens.long()
 
 
 def check_tokens(tokens: Tensor, d_vocab: int, n_ctx: int, where: str) -> None:
