@@ -62,7 +62,6 @@ def _plain_seconds(model, split) -> float:
 
 
 def _fit(folder: Path, sequences: int) -> None:
-    import illusion_probe as ip
     from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, resid_pre
     from illusion_probe.sweeps import sweep_proxies
 

@@ -49,6 +49,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         _replace_directory(staging, target)
+    except OSError as err:  # a full disk, a quota, a directory gone read-only: nothing half-written stays
+        raise ArtifactError(f"{target}: could not be written ({err.strerror or err}); free space or choose "
+                            "another path, then rerun") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -79,6 +82,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
         os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes it private; the artefact should not be
         os.replace(tmp, target)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise ArtifactError(f"{target}: could not be written ({err.strerror or err}); free space or choose "
+                            "another path, then rerun") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -92,6 +99,8 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON object, or raise a one-line :class:`ArtifactError` naming the file."""
     file = Path(path)
+    if file.is_dir():
+        raise ArtifactError(f"{file}: is a directory; give the path of a JSON file")
     if not file.is_file():
         raise ArtifactError(f"{file}: missing; was the artefact written completely?")
     try:
@@ -105,9 +114,12 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     """Save tensors with safetensors (contiguous CPU copies; shared storage is fine)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}, str(path))
+    # Serialised here and written by Python, so a full disk raises OSError like every other write here.
+    data = save({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()})
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -36,9 +36,9 @@ from illusion_probe.registry import SIMPLIFIERS
 from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
-from illusion_probe.simplify.proxy import Proxy, check_hooks, fit_proxy
+from illusion_probe.simplify.proxy import check_hooks
 from illusion_probe.study import EvaluationConfig
-from illusion_probe.sweeps import proxy_name
+from illusion_probe.sweeps import fit_proxies, proxy_name
 from illusion_probe.tasks.base import Split, SplitSet
 
 #: Short names the command line accepts for registered simplifiers.
@@ -156,7 +156,7 @@ def audit(config: AuditConfig, out: str | os.PathLike, device: str = "auto", pro
 
     _check_files(config)
     specs = [ProxySpec.parse(spec) for spec in config.proxies]
-    out_dir = check_output_dir(Path(out))
+    out_dir = check_output_dir(out)
     _log(f"loading {config.model}")
     model = load_model(config.model, device)
     backend = Backend.of(model)
@@ -167,8 +167,7 @@ def audit(config: AuditConfig, out: str | os.PathLike, device: str = "auto", pro
         check_hooks(backend, simplifiers)
     splits = _splits(model, config)
     _log(f"fitting {len(wanted)} proxies on {len(splits['train'])} windows of {config.fit}")
-    proxies: dict[str, Proxy] = {name: fit_proxy(model, simplifiers, splits["train"], n_sequences=config.n_fit_sequences)
-                                 for name, simplifiers in wanted.items()}
+    proxies = fit_proxies(model, wanted, splits["train"], config.n_fit_sequences, progress=progress)
     _log("evaluating")
     tick = time.perf_counter()
     settings = config.evaluation

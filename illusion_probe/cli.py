@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from illusion_probe.errors import IllusionProbeError, require
 
@@ -29,19 +31,32 @@ def _runs(args: argparse.Namespace) -> list:
     from illusion_probe.study import load_study
 
     require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
+    require(args.out.strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")
     _set_threads(args.threads)
     study = load_study(args.task, args.preset, args.config, args.set)
     out = Path(args.out)
-    return [prepare(study, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed)
+    return [prepare(study, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed, force=args.force)
             for seed in range(args.seeds)]
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+THREADS_HELP = ("CPU threads for torch: these models are small, and more threads than idle cores slow a shared "
+                "machine down severalfold; raise it on an idle machine or for a large model. Float results depend "
+                "on it, so it is recorded in every artefact and a checkpoint is reused only at the same count")
 
-        require(threads >= 1, f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"illusion-probe: error: {self.prog.removeprefix('illusion-probe').strip() or 'usage'}: "
+                     f"{message}; see {self.prog} --help\n")
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    require(threads >= 1, f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def _fmt(value: float | None) -> str:
@@ -119,7 +134,8 @@ def _report(args: argparse.Namespace) -> int:
     results = Results.from_json(args.results)
     beside = Path(args.results).with_name("projection.json")
     projection = Projection.from_json(beside) if beside.is_file() else None
-    out = Path(args.out) if args.out else Path(args.results).with_name("report.html")
+    require(args.out is None or args.out.strip() != "", "--out is empty; give the path of the HTML file to write")
+    out = Path(args.out) if args.out is not None else Path(args.results).with_name("report.html")
     require(not out.is_dir(), f"--out {out} is a directory; give the path of the HTML file to write")
     write_report(results, out, projection=projection)
     print(f"wrote: {out}")
@@ -135,10 +151,12 @@ def _add_run_options(parser: argparse.ArgumentParser, tasks: list[str]) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.lr=1e-3 (repeatable; applied last)")
     parser.add_argument("--out", default="runs/latest", help="run directory (finished stages in it are reused)")
+    parser.add_argument("--force", action="store_true",
+                        help="redo a stage whose artefact in --out is damaged or of another format version, "
+                             "replacing it (without it, that is an error)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1, each in OUT/seed_N")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,10 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = TASKS.names()
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
+    from illusion_probe import __version__
+
+    parser = _Parser(
         prog="illusion-probe", formatter_class=formatter,
         description="Measure how faithful simplified proxies of a transformer stay off the training distribution.",
     )
+    parser.add_argument("--version", action="version", version=f"illusion-probe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, run, text, aliases in [
         ("reproduce", _reproduce, "train, fit proxies, evaluate every split and write the report", []),
@@ -178,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one setting of the config, e.g. --set evaluation.n_boot=200")
     audit.add_argument("--out", default="runs/audit", help="where results.json, results.csv and report.html go")
     audit.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    audit.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    audit.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     audit.set_defaults(run=_audit)
     report = commands.add_parser("report", help="rebuild report.html from a results.json", formatter_class=formatter)
     report.add_argument("results", help="path to results.json (a projection.json beside it is included)")
@@ -189,15 +210,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _no_empty_output(out: str | None) -> Iterator[None]:
+    """On failure, remove the output folder again if this command created it and left it empty."""
+    folder = Path(out) if out and out.strip() else None
+    existed = folder is None or folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            for path in sorted([folder, *folder.rglob("*")], key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (tests call ``main([...])`` directly)."""
     args = build_parser().parse_args(argv)
     run: Command = args.run
     try:
-        return run(args)
+        with _no_empty_output(getattr(args, "out", None) if args.command != "report" else None):
+            return run(args)
     except IllusionProbeError as err:
         print(f"illusion-probe: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the environment, not the input: a file that cannot be read, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"illusion-probe: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("illusion-probe: error: out of memory; use smaller batches (--set evaluation.batch_size=16) or "
+              "fewer sequences", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("illusion-probe: interrupted", file=sys.stderr)
         return 130

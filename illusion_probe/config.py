@@ -33,7 +33,9 @@ def _describe(kind: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(k) for k in typing.get_args(kind))
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(kind)[0])}s"
+        item = typing.get_args(kind)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(
+            item, _describe(item))
     if origin is typing.Literal:
         return " or ".join(repr(v) for v in typing.get_args(kind))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",

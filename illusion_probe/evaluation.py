@@ -189,13 +189,16 @@ def evaluate(
     """
     splits = _split_set(splits)
     backend = Backend.of(model)
-    plan = _plan(backend, proxies, splits, task, metrics, answer_ids, ablation, ablation_sequences)
     require(isinstance(batch_size, int) and batch_size > 0, f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
     require(batch_tokens is None or (isinstance(batch_tokens, int) and batch_tokens > 0),
             f"evaluate: batch_tokens must be a positive integer or None, got {batch_tokens!r}")
     require(isinstance(n_boot, int) and n_boot >= 0, f"evaluate: n_boot must be a non-negative integer, got {n_boot!r}")
+    require(isinstance(ablation_sequences, int) and ablation_sequences > 0,
+            f"evaluate: ablation_sequences must be a positive integer, got {ablation_sequences!r}")
+    require(chunk_size is None or (isinstance(chunk_size, int) and chunk_size > 0),
+            f"evaluate: chunk_size must be a positive integer or None, got {chunk_size!r}")
     chunk = chunk_size or max(1, CHUNK_BYTES // (4 * backend.d_vocab_out))
-    require(isinstance(chunk, int) and chunk > 0, f"evaluate: chunk_size must be a positive integer, got {chunk_size!r}")
+    plan = _plan(backend, proxies, splits, task, metrics, answer_ids, ablation, ablation_sequences)
     records: list[Record] = []
     samples: dict[tuple[str, str, str, str, str], np.ndarray] = {}
     timings = defaultdict(float)
@@ -220,8 +223,7 @@ def evaluate(
                        "ablation": ablation, "ablation_sequences": ablation_sequences,
                        "resumed_at": dict(plan.resume),
                        "baseline_shared_with": {"+".join(sorted(h)): twin for h, twin in plan.baseline_twin.items()
-                                                if twin is not None},
-                       "threads": torch.get_num_threads()},
+                                                if twin is not None}},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "backend": backend.kind,
         "task": task.to_dict() if task is not None else None,

@@ -95,6 +95,11 @@ def is_attention_pattern(name: str) -> bool:
     return bool(_ATTENTION_PATTERN.search(name))
 
 
+def is_attention_scores(name: str) -> bool:
+    """True for ``hook_attn_scores``, the pre-softmax attention ``[batch, head, query, key]``."""
+    return name.endswith("hook_attn_scores")
+
+
 def is_after_blocks(name: str) -> bool:
     """True for hooks after the last block: the final norm and the unembedding."""
     return name.startswith(("ln_final.", "unembed."))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -31,13 +31,12 @@ from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, resid_pre
 from illusion_probe.models import build_model, resolve_device
 from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
+from illusion_probe.simplify.base import Simplifier
 from illusion_probe.simplify.proxy import Proxy
 from illusion_probe.study import StudyConfig
-from illusion_probe.sweeps import sweep_proxies
+from illusion_probe.sweeps import fit_proxies, sweep_simplifiers
 from illusion_probe.tasks.base import SplitSet, Task
 from illusion_probe.training import TrainConfig, train
-
-T = TypeVar("T")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -49,9 +48,10 @@ def _log(message: str) -> None:
     print(f"[illusion-probe] {message}", file=sys.stderr, flush=True)
 
 
-def check_output_dir(out: Path) -> Path:
-    """Create ``out`` if needed and prove it is writable, before any work."""
-    require(str(out).strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")
+def check_output_dir(where: str | os.PathLike) -> Path:
+    """Create directory ``where`` if needed and prove it is writable, before any work."""
+    require(str(where).strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")
+    out = Path(where)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -80,20 +80,27 @@ class Run:
     train_config: TrainConfig
     layers: tuple[int, ...]
     stamps: dict[str, str]
+    force: bool = False
 
 
-def prepare(study: StudyConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0) -> Run:
-    """Check everything that needs no work, draw the splits and build the untrained model."""
+def prepare(study: StudyConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0,
+            force: bool = False) -> Run:
+    """Check everything that needs no work, draw the splits and build the untrained model.
+
+    With ``force``, a stage whose artefact is damaged or of a format this version cannot read is redone
+    (and the artefact replaced); without it, that is an error naming the artefact and the fix.
+    """
     require(isinstance(seed, int) and seed >= 0, f"the seed must be a non-negative integer, got {seed!r}")
     device = resolve_device(device)
     model_config = dataclasses.replace(study.model, device=device, seed=study.model.seed + seed)
     train_config = dataclasses.replace(study.train, seed=study.train.seed + seed)
     study.check_against_model(model_config.d_model, model_config.resolved_d_head, model_config.n_layers,
                               model_config.n_heads)
-    out_dir = check_output_dir(Path(out))
     task = study.build_task()
     splits = task.make_splits(seed=seed)
     require(splits.max_len <= task.n_ctx, f"splits hold {splits.max_len} tokens but the task's n_ctx is {task.n_ctx}")
+    study.check_against_data(int(splits["train"].real_mask[: study.proxies.n_fit_sequences].sum()))
+    out_dir = check_output_dir(out)
     model = build_model(task, model_config)
     layers = tuple(dict.fromkeys(layer % model_config.n_layers for layer in study.proxies.layers))
     # Training is reproducible for a seed *and* a thread count, so the count is part of the checkpoint's identity.
@@ -103,37 +110,84 @@ def prepare(study: StudyConfig, out: str | os.PathLike, device: str = "auto", se
     evaluate_stamp = fingerprint(fit_stamp, dataclasses.asdict(study.evaluation))
     analyse_stamp = fingerprint(train_stamp, dataclasses.asdict(study.evaluation), dataclasses.asdict(study.projection))
     stamps = {"train": train_stamp, "fit": fit_stamp, "evaluate": evaluate_stamp, "analyse": analyse_stamp}
-    return Run(study, out_dir, seed, task, splits, model, train_config, layers, stamps)
+    run = Run(study, out_dir, seed, task, splits, model, train_config, layers, stamps, force)
+    check_artefacts(run)
+    return run
 
 
-def _reuse(path: Path, stamp: str, read: Callable[[Path], T], stamp_of: Callable[[T], Any], what: str) -> T | None:
-    """The artefact at ``path`` when it exists, reads, and carries ``stamp``; else ``None`` (the stage reruns)."""
-    if not path.exists():
+@dataclass(frozen=True)
+class _Artefact:
+    """Where a stage's artefact lives, how it is read, which stamp it carries, and what it is called."""
+
+    path: Path
+    read: Callable[[Path], Any]
+    stamp_of: Callable[[Any], Any]
+    what: str
+
+
+def _artefact(run: Run, stage: str) -> _Artefact:
+    device = str(next(run.model.parameters()).device)
+    return {
+        "train": lambda: _Artefact(run.out / "checkpoint",
+                                   lambda path: (read_checkpoint_metadata(path), load_checkpoint(path, device)),
+                                   lambda found: found[0].get("extra", {}).get("fingerprint"), "trained model"),
+        "fit": lambda: _Artefact(run.out / "proxies", _read_proxies, lambda found: found[0], "fitted proxies"),
+        "evaluate": lambda: _Artefact(run.out / "results.json", Results.from_json,
+                                      lambda found: found.meta.get("fingerprint"), "results"),
+        "analyse": lambda: _Artefact(run.out / "projection.json", Projection.from_json,
+                                     lambda found: found.meta.get("fingerprint"), "key/query projection"),
+    }[stage]()
+
+
+def _read(run: Run, stage: str) -> Any | None:
+    """The stage's artefact as read, ``None`` when absent. One that cannot be read (damaged, or another
+    format version) is an error naming it and the fix, unless the run forces its stages (then ``None``)."""
+    artefact = _artefact(run, stage)
+    if not artefact.path.exists():
         return None
     try:
-        found = read(path)
-    except ArtifactError:
+        return artefact.read(artefact.path)
+    except ArtifactError as err:
+        if run.force:
+            _log(f"redoing the {stage} stage (--force): {err}")
+            return None
+        raise ArtifactError(f"{err}; delete {artefact.path} or rerun with --force to redo the {stage} stage") from None
+
+
+def check_artefacts(run: Run) -> None:
+    """Read every artefact already in the run directory, so that a damaged one stops the run before any work."""
+    if not run.force:
+        for stage in run.stamps:
+            _read(run, stage)
+
+
+def _reuse(run: Run, stage: str) -> Any | None:
+    """The stage's artefact when it carries the stage's stamp; ``None`` when it is absent, unreadable under
+    ``--force``, or made from other inputs (the stage reruns and replaces it)."""
+    found = _read(run, stage)
+    if found is None:
         return None
-    if stamp_of(found) != stamp:
+    artefact = _artefact(run, stage)
+    if artefact.stamp_of(found) != run.stamps[stage]:
+        _log(f"redoing the {stage} stage: {artefact.path} was made from other inputs")
         return None
-    _log(f"reusing {what} in {path}")
+    _log(f"reusing {artefact.what} in {artefact.path}")
     return found
 
 
 def train_stage(run: Run, allow_training: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model: the checkpoint in ``out/checkpoint`` when its fingerprint matches, else trained now."""
     path = run.out / "checkpoint"
-    saved = _reuse(path, run.stamps["train"], read_checkpoint_metadata,
-                   lambda meta: meta.get("extra", {}).get("fingerprint"), "trained model")
+    saved = _reuse(run, "train")
     if saved is not None:
-        model, _ = load_checkpoint(path, device=str(next(run.model.parameters()).device))
-        return model, saved["extra"]
+        metadata, (model, _) = saved
+        return model, metadata["extra"]
     require(allow_training, f"no finished checkpoint for this study and seed in {path}; run `illusion-probe train` first")
     _log("training")
     tick = time.perf_counter()
     history = train(run.model, run.splits, run.train_config, task=run.task)
     info = {"fingerprint": run.stamps["train"], "train_seconds": round(time.perf_counter() - tick, 2),
-            "threads": torch.get_num_threads(), "history": history}
+            "history": history}
     save_checkpoint(path, run.model, run.task, extra=info)
     return run.model, info
 
@@ -147,27 +201,28 @@ def study_proxies(model: torch.nn.Module, run: Run) -> dict[str, Proxy]:
     """Every proxy of the study, for every analysed layer: PCA on keys/queries and on the residual
     stream, k-means on keys/queries, one-hot attention, and mean/zero ablation baselines."""
     config = run.study.proxies
-    fit, n = run.splits["train"], config.n_fit_sequences
-    proxies: dict[str, Proxy] = {}
+    wanted: dict[str, dict[str, Simplifier]] = {}
     for layer in run.layers:
         groups = layer_hooks(layer)
-        proxies.update({
-            **sweep_proxies(model, fit, groups["kq"], "pca", config.kq_pca_sizes, n),
-            **sweep_proxies(model, fit, groups["resid"], "pca", config.resid_pca_sizes, n),
-            **sweep_proxies(model, fit, groups["kq"], "kmeans", config.kmeans_sizes, n),
-            **sweep_proxies(model, fit, groups["pattern"], "onehot_attention", (None,), n),
-            **sweep_proxies(model, fit, groups["kq"], "mean_ablation", (None,), n),
-            **sweep_proxies(model, fit, groups["kq"], "zero_ablation", (None,), n),
+        wanted.update({
+            **sweep_simplifiers(groups["kq"], "pca", config.kq_pca_sizes),
+            **sweep_simplifiers(groups["resid"], "pca", config.resid_pca_sizes),
+            **sweep_simplifiers(groups["kq"], "kmeans", config.kmeans_sizes),
+            **sweep_simplifiers(groups["pattern"], "onehot_attention"),
+            **sweep_simplifiers(groups["kq"], "mean_ablation"),
+            **sweep_simplifiers(groups["kq"], "zero_ablation"),
         })
-    return proxies
+    return fit_proxies(model, wanted, run.splits["train"], config.n_fit_sequences)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_proxies(path: Path) -> tuple[Any, dict[str, Proxy]]:
+    """The fingerprint in ``path/manifest.json`` and every proxy it lists, in the manifest's order."""
     manifest = read_json(path / "manifest.json")
     entries = manifest.get("proxies")
-    if not (isinstance(entries, list) and all(isinstance(e, list) and len(e) == 2 for e in entries)):
+    if not (isinstance(entries, list) and all(isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e)
+                                              for e in entries)):
         raise ArtifactError(f"{path / 'manifest.json'}: 'proxies' should be a list of [name, folder] pairs")
-    return manifest
+    return manifest.get("fingerprint"), {name: Proxy.load(path / folder) for name, folder in entries}
 
 
 def fit_stage(run: Run, model: torch.nn.Module) -> dict[str, Proxy]:
@@ -176,9 +231,9 @@ def fit_stage(run: Run, model: torch.nn.Module) -> dict[str, Proxy]:
     The manifest lists the proxies in the order they were fitted, so a reused set is in the same order.
     """
     path = run.out / "proxies"
-    manifest = _reuse(path, run.stamps["fit"], _read_manifest, lambda m: m.get("fingerprint"), "fitted proxies")
-    if manifest is not None:
-        return {name: Proxy.load(path / folder) for name, folder in manifest["proxies"]}
+    saved = _reuse(run, "fit")
+    if saved is not None:
+        return saved[1]
     _log("fitting proxies")
     proxies = study_proxies(model, run)
     with atomic_directory(path) as staging:
@@ -192,7 +247,7 @@ def fit_stage(run: Run, model: torch.nn.Module) -> dict[str, Proxy]:
 def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], train_info: dict[str, Any]) -> Results:
     """Every proxy on every split: ``out/results.json`` when its fingerprint matches, else evaluated now."""
     path = run.out / "results.json"
-    saved = _reuse(path, run.stamps["evaluate"], Results.from_json, lambda r: r.meta.get("fingerprint"), "results")
+    saved = _reuse(run, "evaluate")
     if saved is not None:
         return saved
     _log("evaluating")
@@ -215,8 +270,7 @@ def _evaluation_splits(run: Run) -> SplitSet:
 def analyse_stage(run: Run, model: torch.nn.Module) -> Projection:
     """Keys and queries of the analysed head on the train split's top two components (``out/projection.json``)."""
     path = run.out / "projection.json"
-    saved = _reuse(path, run.stamps["analyse"], Projection.from_json, lambda p: p.meta.get("fingerprint"),
-                   "key/query projection")
+    saved = _reuse(run, "analyse")
     if saved is not None:
         return saved
     config = run.study.projection
@@ -228,10 +282,10 @@ def analyse_stage(run: Run, model: torch.nn.Module) -> Projection:
 
 
 def report_stage(run: Run, results: Results, projection: Projection) -> list[Path]:
-    """Write ``report.html``; returns every file the run's results are in."""
+    """Write ``report.html``; returns every artefact of the run (its folders and files)."""
     report = write_report(results, run.out / "report.html", title=f"illusion-probe: {run.study.name}, seed {run.seed}",
                           projection=projection)
-    return [run.out / "results.json", run.out / "results.csv", run.out / "projection.json", report]
+    return [run.out / name for name in ("checkpoint", "proxies", "results.json", "results.csv", "projection.json")] + [report]
 
 
 def reproduce(study: StudyConfig, out: str | os.PathLike, device: str = "auto", seed: int = 0) -> Results:

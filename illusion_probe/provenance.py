@@ -47,5 +47,8 @@ def versions() -> dict[str, str | None]:
 
 
 def provenance() -> dict[str, object]:
-    """Versions plus the git commit, for every JSON file the package writes."""
-    return {"versions": versions(), "git_hash": git_hash()}
+    """Versions, the git commit and torch's CPU thread count (it changes float results), for every JSON file
+    the package writes."""
+    import torch
+
+    return {"versions": versions(), "git_hash": git_hash(), "threads": torch.get_num_threads()}

@@ -141,6 +141,12 @@ class StudyConfig:
         require(max(self.proxies.resid_pca_sizes) <= d_model, "proxies.resid_pca_sizes has rank "
                 f"{max(self.proxies.resid_pca_sizes)} above the residual stream's dimension d_model={d_model}")
 
+    def check_against_data(self, n_fit_tokens: int) -> None:
+        """Cross-field checks that need the drawn train split: clusters against the tokens they are fitted on."""
+        require(max(self.proxies.kmeans_sizes) <= n_fit_tokens, f"proxies.kmeans_sizes has "
+                f"{max(self.proxies.kmeans_sizes)} clusters, but the first {self.proxies.n_fit_sequences} train "
+                f"sequences hold {n_fit_tokens} tokens to fit them on; use fewer clusters or more n_fit_sequences")
+
 
 def study_from_tables(tables: Mapping[str, Any], name: str, kind: str | None = None) -> StudyConfig:
     """A :class:`StudyConfig` from TOML tables; unknown tables and keys, and a task of another kind, are errors."""

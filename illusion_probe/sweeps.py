@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from illusion_probe.errors import require
 from illusion_probe.evaluation import evaluate
@@ -51,12 +52,28 @@ def sweep_proxies(
         n_sequences: sequences of ``fit_split`` to fit on.
         options: further constructor options for the simplifier (e.g. ``seed`` for k-means).
     """
+    return fit_proxies(model, sweep_simplifiers(hooks, method, sizes, **options), fit_split, n_sequences,
+                       progress=False)
+
+
+def sweep_simplifiers(hooks: Sequence[str], method: str, sizes: Sequence[int | None] = (None,),
+                      **options: Any) -> dict[str, dict[str, Simplifier]]:
+    """Unfitted simplifiers of a sweep: proxy name -> {hook: simplifier}, one proxy per size."""
     require(len(hooks) > 0, "a sweep needs at least one hook name")
     require(len(sizes) > 0, "a sweep needs at least one size")
+    return {proxy_name(method, size, hooks): {hook: Simplifier.create(method, size, **options) for hook in hooks}
+            for size in sizes}
+
+
+def fit_proxies(model: torch.nn.Module, wanted: Mapping[str, Mapping[str, Simplifier]], fit_split: Split,
+                n_sequences: int = 1000, progress: bool = True) -> dict[str, Proxy]:
+    """Fit every proxy of ``wanted`` (name -> {hook: simplifier}) on ``fit_split``, in order, with one progress bar."""
     proxies = {}
-    for size in sizes:
-        simplifiers = {hook: Simplifier.create(method, size, **options) for hook in hooks}
-        proxies[proxy_name(method, size, hooks)] = fit_proxy(model, simplifiers, fit_split, n_sequences=n_sequences)
+    with tqdm(total=len(wanted), desc="fit", unit="proxy", disable=not progress) as bar:
+        for name, simplifiers in wanted.items():
+            bar.set_postfix_str(name, refresh=False)
+            proxies[name] = fit_proxy(model, simplifiers, fit_split, n_sequences=n_sequences)
+            bar.update()
     return proxies
 
 

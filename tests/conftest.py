@@ -18,12 +18,18 @@ from illusion_probe.tasks.base import Split
 _TIERS = {"integration": pytest.mark.integration, "slow": pytest.mark.slow}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread, as the CLI's default: the models are tiny, and a busy machine is not slowed down."""
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests under ``tests/integration`` and ``tests/slow`` carry that tier's marker (``-m "not slow"`` works)."""
     for item in items:
         tier = item.path.parent.name
         if tier in _TIERS:
             item.add_marker(_TIERS[tier])
+
 
 TINY_SIZES = ModelSizes(d_vocab=50, n_ctx=32)
 TINY_CONFIG = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=128, act_fn="gelu_new", seed=0)

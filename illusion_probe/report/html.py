@@ -122,9 +122,10 @@ def render_report(results: Results, title: str = "illusion-probe report", projec
     by_category = category_figure(results, featured)
     if by_category is not None:
         figures.append(("Agreement by position category", by_category))
+    # Fixed element ids (plotly draws random ones), so the same results give the same file byte for byte.
     sections = [f"<h2>{html.escape(name)}</h2>" + fig.to_html(full_html=False, include_plotlyjs=False,
-                                                              config={"responsive": True})
-                for name, fig in figures]
+                                                              div_id=f"figure-{i}", config={"responsive": True})
+                for i, (name, fig) in enumerate(figures)]
     provenance = json.dumps(dict(results.meta), indent=2, sort_keys=True, default=str)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -48,6 +48,9 @@ class MeanAblation(FittedSimplifier):
     def tensors(self) -> dict[str, Tensor]:
         return {"mean": self.mean}
 
+    def state_shapes(self, group: int, feature: int) -> dict[str, tuple[int, ...]]:
+        return {"mean": (group, feature)}
+
     def set_tensors(self, state: dict[str, Tensor]) -> None:
         self.mean = state["mean"]
 

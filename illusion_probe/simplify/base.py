@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from illusion_probe.errors import IllusionProbeError, require
-from illusion_probe.hook_names import is_attention_pattern
+from illusion_probe.hook_names import is_attention_pattern, is_attention_scores
 from illusion_probe.registry import SIMPLIFIERS
 
 
@@ -135,6 +135,8 @@ class Simplifier(ABC):
         """Raise unless this simplifier can act at a hook called ``hook_name`` (checked before any forward)."""
         require(not is_attention_pattern(hook_name),
                 f"{self.describe()} cannot simplify the attention pattern {hook_name!r}; use OneHotAttention there")
+        require(not is_attention_scores(hook_name), f"{self.describe()} cannot simplify {hook_name!r}: attention "
+                "scores are [batch, head, query, key], not one activation per position; simplify hook_k or hook_q")
 
     def check_feature_shape(self, shape: tuple[int, ...]) -> None:
         """Raise unless the simplifier can act on activations with ``shape`` beyond ``[batch, pos]``."""
@@ -160,7 +162,8 @@ class FittedSimplifier(Simplifier):
     - ``tensors()`` / ``set_tensors(state)``: the frozen state as named tensors, for saving and loading.
 
     ``check_feature_dim(feature)`` may refuse a size that cannot fit (a rank above the dimension)
-    before any data is collected.
+    before any data is collected; ``state_shapes(group, feature)`` may give each state tensor's shape,
+    so that a saved state of the wrong shape is refused when it is loaded, not when it is applied.
     """
 
     needs_data: ClassVar[bool] = True
@@ -213,8 +216,21 @@ class FittedSimplifier(Simplifier):
     def _load_state(self, config: dict[str, Any], state: dict[str, Tensor]) -> None:
         self._shape = (int(config["fitted_shape"][0]), int(config["fitted_shape"][1]))
         self._n_seen = int(config["n_samples"])
+        for name, shape in self.state_shapes(*self._shape).items():
+            if name not in state:
+                raise ValueError(f"tensor {name!r} is missing")
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(state[name].shape)}, but {self.describe()} fitted "
+                                 f"on (group, feature) {self._shape} has {list(shape)}")
+            if state[name].is_floating_point() and not bool(torch.isfinite(state[name]).all()):
+                raise ValueError(f"tensor {name!r} holds NaN or inf")
         self.set_tensors(state)
         self._derived = {}
+
+    def state_shapes(self, group: int, feature: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each state tensor after fitting on ``(group, feature)`` samples, checked when a saved
+        state is loaded (a family that does not say is not checked)."""
+        return {}
 
     def check_feature_shape(self, shape: tuple[int, ...]) -> None:
         require(not self.per_head or len(shape) == 2,
@@ -276,12 +292,19 @@ class FittedSimplifier(Simplifier):
         """Freeze the state accumulated since the last :meth:`finalize`. Returns ``self``."""
         require(self._pending is not None, f"{self.describe()}: no samples to fit; call partial_fit() first")
         self.finish()
+        # The layout a saved state loads with (size-1 dims can carry any stride, and a matmul's rounding
+        # follows the strides), so a fitted simplifier and its reloaded copy give identical outputs.
+        self.set_tensors({k: v.clone(memory_format=torch.contiguous_format) for k, v in self.tensors().items()})
         self._shape, self._pending = self._pending, None
         self._derived = {}
         return self
 
     def check_feature_dim(self, feature: int) -> None:
         """Refuse a size that cannot fit ``feature``-dimensional samples (before any accumulation)."""
+        return None
+
+    def check_sample_count(self, n: int) -> None:
+        """Refuse a size that cannot be fitted on ``n`` samples per group (before any accumulation)."""
         return None
 
     # -- application ----------------------------------------------------------------

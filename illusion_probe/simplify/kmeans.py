@@ -58,6 +58,11 @@ class KMeans(FittedSimplifier):
                 "max_samples": self.max_samples}
 
     # -- fitting ----------------------------------------------------------------------
+    def check_sample_count(self, n: int) -> None:
+        require(self.n_clusters <= min(n, self.max_samples), f"{self.describe()}: n_clusters={self.n_clusters} "
+                f"exceeds the {min(n, self.max_samples)} samples it would be fitted on; use fewer clusters or more "
+                "sequences")
+
     def start(self, shape: tuple[int, int], device: torch.device) -> None:
         self._reservoir = Reservoir(self.max_samples, self.seed)
 
@@ -92,6 +97,9 @@ class KMeans(FittedSimplifier):
 
     def tensors(self) -> dict[str, Tensor]:
         return {"centroids": self.centroids}
+
+    def state_shapes(self, group: int, feature: int) -> dict[str, tuple[int, ...]]:
+        return {"centroids": (group, self.n_clusters, feature)}
 
     def set_tensors(self, state: dict[str, Tensor]) -> None:
         self.centroids = state["centroids"]

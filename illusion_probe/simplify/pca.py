@@ -107,6 +107,9 @@ class PCA(FittedSimplifier):
     def tensors(self) -> dict[str, Tensor]:
         return {"mean": self.mean, "components": self.components, "eigenvalues": self.eigenvalues}
 
+    def state_shapes(self, group: int, feature: int) -> dict[str, tuple[int, ...]]:
+        return {"mean": (group, feature), "components": (group, feature, self.rank), "eigenvalues": (group, feature)}
+
     def set_tensors(self, state: dict[str, Tensor]) -> None:
         self.mean, self.components, self.eigenvalues = state["mean"], state["components"], state["eigenvalues"]
 

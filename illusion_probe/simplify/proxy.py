@@ -285,6 +285,10 @@ def fit_proxy_with(backend: Backend, simplifiers: Mapping[str, Simplifier], spli
     shapes = check_hooks(backend, fitted)
     data_hooks = [hook for hook, s in fitted.items() if s.needs_data]
     n = min(n_sequences, len(split))
+    n_tokens = int(split.real_mask[:n].sum())
+    for hook in data_hooks:
+        require(n_tokens > 0, f"fit_proxy: the first {n} sequences of split {split.name!r} hold no real token to fit on")
+        fitted[hook].check_sample_count(n_tokens)
     if data_hooks:
         for batch in collect_activations(backend.model, split, data_hooks, n_sequences=n, batch_size=batch_size):
             for hook in data_hooks:
@@ -292,5 +296,5 @@ def fit_proxy_with(backend: Backend, simplifiers: Mapping[str, Simplifier], spli
                 fitted[hook].partial_fit(acts if fitted[hook].per_head else acts.flatten(1))
         for hook in data_hooks:
             fitted[hook].finalize()
-    fit_info = {"split": split.name, "role": split.role, "n_sequences": n, "n_tokens": int(split.real_mask[:n].sum())}
+    fit_info = {"split": split.name, "role": split.role, "n_sequences": n, "n_tokens": n_tokens}
     return Proxy(fitted, name=name, feature_shapes=shapes, fit_info=fit_info, backend=backend.kind)

@@ -223,6 +223,8 @@ def _integer_tokens(tokens: Any, where: str) -> Tensor:
         raise IllusionProbeError(f"{where}: tokens must be an integer tensor of shape [n, pos]")
     require(tokens.ndim == 2 and tokens.shape[1] >= 2,
             f"{where}: tokens must be [n, pos] with pos >= 2, got shape {tuple(tokens.shape)}")
+    require(tokens.numel() == 0 or int(tokens.min()) >= 0,
+            f"{where}: token ids must be >= 0, found {int(tokens.min()) if tokens.numel() else 0}")
     return tokens.long()
 
 

@@ -21,9 +21,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "fit.txt").write_text("\n".join(f"{IN_DISTRIBUTION} {i % 3 * 'a '}" for i in range(40)))
     (root / "test.txt").write_text("\n".join(f"the dog sat on {i % 2 * 'the '}mat" for i in range(20)))
     (root / "code.jsonl").write_text("\n".join(json.dumps({"text": f"{SHIFTED} {i % 4 * 'x '}"}) for i in range(20)))
-    (root / "empty.txt").write_text("\n\n")
-    return {"model": model, "fit": root / "fit.txt", "test": root / "test.txt", "code": root / "code.jsonl",
-            "empty": root / "empty.txt", "root": root}
+    return {"model": model, "fit": root / "fit.txt", "test": root / "test.txt", "code": root / "code.jsonl"}
 
 
 def _argv(files, out, *extra) -> list[str]:
@@ -57,32 +55,3 @@ def test_audit_from_a_config_file(files, tmp_path) -> None:
     assert main(["audit", "--config", str(config), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["meta"]["audit"]["proxies"] == [
         "svd:2@blocks.0.hook_resid_post"]
-
-
-def _fails(argv, capsys, fragment: str) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("illusion-probe: error:") and fragment in err[-1], err[-1:]
-
-
-@pytest.mark.parametrize(("extra", "fragment"), [
-    (["--proxy", "pca:2@blocks.1.hook_resid_pree"], "did you mean 'blocks.1.hook_resid_pre'"),
-    (["--proxy", "pca@blocks.1.hook_resid_pre"], "pca needs sizes (its rank)"),
-    (["--proxy", "pca:99@blocks.1.hook_resid_pre"], "rank 99 exceeds the feature dimension 32"),
-    (["--proxy", "pcaa:2@blocks.1.hook_resid_pre"], "unknown simplifier 'pcaa'; did you mean 'pca'"),
-    (["--proxy", "pca:2"], "write METHOD[:SIZES]@HOOKS"),
-    (["--proxy", "pca:2@blocks.1.hook_resid_pre", "--window", "64"], "does not fit the model's context of 32"),
-])
-def test_audit_mistakes_are_one_line_errors(files, tmp_path, capsys, extra, fragment) -> None:
-    _fails(_argv(files, tmp_path / "o", *extra), capsys, fragment)
-    assert not (tmp_path / "o" / "results.json").exists()
-
-
-def test_missing_and_empty_text(files, tmp_path, capsys) -> None:
-    argv = ["audit", "--model", str(files["model"]), "--fit", str(files["root"] / "nope.txt"), "--split",
-            f"test={files['test']}", "--proxy", "pca:2@blocks.1.hook_resid_pre", "--out", str(tmp_path / "o")]
-    _fails(argv, capsys, "nope.txt does not exist")
-    argv[argv.index("--fit") + 1] = str(files["fit"])
-    argv[argv.index("--split") + 1] = f"test={files['empty']}"
-    _fails(argv, capsys, "no window of at least two tokens")
-    _fails(["audit", "--fit", str(files["fit"])], capsys, "audit needs model")

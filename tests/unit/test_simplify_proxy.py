@@ -153,7 +153,7 @@ def test_rank_beyond_dimension_and_too_many_clusters(native_bridge, random_train
     finally:
         handle.remove()
     assert set(batches) <= {1}
-    with pytest.raises(ip.IllusionProbeError, match="exceeds the 10 fitted samples"):
+    with pytest.raises(ip.IllusionProbeError, match="exceeds the 10 samples it would be fitted on"):
         tiny = ip.Split.from_tokens(random_train_split.tokens[:1, :10].clamp_min(1), "train", name="train")
         ip.fit_proxy(native_bridge, {"blocks.0.hook_resid_post": ip.KMeans(11)}, tiny)
 
