@@ -51,7 +51,8 @@ _EXPORTS: dict[str, str] = {
     "MeanAblation": "illusion_probe.simplify.ablation",
     "collect_activations": "illusion_probe.simplify.collect",
     "Proxy": "illusion_probe.simplify.proxy",
-    "fit_proxy": "illusion_probe.simplify.proxy",
+    "fit_proxy": "illusion_probe.simplify.fitting",
+    "fit_proxies": "illusion_probe.simplify.fitting",
     # evaluation and report
     "Metric": "illusion_probe.metrics",
     "PositionMean": "illusion_probe.metrics",
@@ -110,9 +111,10 @@ if TYPE_CHECKING:
     from illusion_probe.simplify.attention import OneHotAttention
     from illusion_probe.simplify.base import FittedSimplifier, Simplifier
     from illusion_probe.simplify.collect import collect_activations
+    from illusion_probe.simplify.fitting import fit_proxies, fit_proxy
     from illusion_probe.simplify.kmeans import KMeans
     from illusion_probe.simplify.pca import PCA, SVD
-    from illusion_probe.simplify.proxy import Proxy, fit_proxy
+    from illusion_probe.simplify.proxy import Proxy
     from illusion_probe.simplify.reservoir import Reservoir
     from illusion_probe.study import StudyConfig, load_study
     from illusion_probe.sweeps import sweep

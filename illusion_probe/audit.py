@@ -36,9 +36,10 @@ from illusion_probe.registry import SIMPLIFIERS
 from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
+from illusion_probe.simplify.fitting import fit_proxies
 from illusion_probe.simplify.proxy import check_hooks
 from illusion_probe.study import EvaluationConfig
-from illusion_probe.sweeps import fit_proxies, proxy_name
+from illusion_probe.sweeps import proxy_name
 from illusion_probe.tasks.base import Split, SplitSet
 
 #: Short names the command line accepts for registered simplifiers.

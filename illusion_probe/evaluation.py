@@ -38,7 +38,8 @@ from illusion_probe.metrics import AnyMetric, HookMetric, Metric, Predictions, S
 from illusion_probe.provenance import provenance
 from illusion_probe.results import Gap, MetricInfo, Record, Results
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
-from illusion_probe.simplify.proxy import Proxy, fit_proxy_with
+from illusion_probe.simplify.fitting import fit_proxies_with
+from illusion_probe.simplify.proxy import Proxy, default_name
 from illusion_probe.tasks.base import Split, SplitSet, Task, check_tokens
 
 ABLATIONS = ("mean", "zero")
@@ -315,15 +316,15 @@ def _ablation_proxies(backend: Backend, proxies: Mapping[str, Proxy], splits: Sp
     require(ablation == "zero" or bool(train),
             "evaluate: the mean-ablation baseline of ce_score is fit on a 'train' split, and there is none; "
             "add the train split or pass ablation='zero'")
-    out: dict[frozenset[str], Proxy] = {}
-    for proxy in proxies.values():
-        hooks = frozenset(proxy.hook_names)
-        if hooks not in out:
-            simplifiers = {h: ZeroAblation() if ablation == "zero" or is_attention_pattern(h) else MeanAblation()
-                           for h in sorted(hooks)}
-            out[hooks] = fit_proxy_with(backend, simplifiers, train[0] if train else next(iter(splits.values())),
-                                        n_sequences=n_sequences, allow_non_train=True)
-    return out
+    hook_sets = list(dict.fromkeys(frozenset(proxy.hook_names) for proxy in proxies.values()))
+    wanted = {}
+    for hooks in hook_sets:
+        simplifiers = {h: ZeroAblation() if ablation == "zero" or is_attention_pattern(h) else MeanAblation()
+                       for h in sorted(hooks)}
+        wanted[default_name(simplifiers)] = simplifiers
+    fitted = fit_proxies_with(backend, wanted, train[0] if train else next(iter(splits.values())),
+                              n_sequences=n_sequences, allow_non_train=True)
+    return dict(zip(hook_sets, fitted.values(), strict=True))
 
 
 def _evaluate_split(backend: Backend, plan: _Plan, split: Split, sums: _Sums, batch_size: int,

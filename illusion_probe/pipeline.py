@@ -32,9 +32,10 @@ from illusion_probe.models import build_model, resolve_device
 from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
+from illusion_probe.simplify.fitting import fit_proxies
 from illusion_probe.simplify.proxy import Proxy
 from illusion_probe.study import StudyConfig
-from illusion_probe.sweeps import fit_proxies, sweep_simplifiers
+from illusion_probe.sweeps import sweep_simplifiers
 from illusion_probe.tasks.base import SplitSet, Task
 from illusion_probe.training import TrainConfig, train
 
@@ -212,7 +213,7 @@ def study_proxies(model: torch.nn.Module, run: Run) -> dict[str, Proxy]:
             **sweep_simplifiers(groups["kq"], "mean_ablation"),
             **sweep_simplifiers(groups["kq"], "zero_ablation"),
         })
-    return fit_proxies(model, wanted, run.splits["train"], config.n_fit_sequences)
+    return fit_proxies(model, wanted, run.splits["train"], config.n_fit_sequences, progress=True)
 
 
 def _read_proxies(path: Path) -> tuple[Any, dict[str, Proxy]]:

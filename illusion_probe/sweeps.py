@@ -7,13 +7,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from illusion_probe.errors import require
 from illusion_probe.evaluation import evaluate
 from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
-from illusion_probe.simplify.proxy import Proxy, fit_proxy
+from illusion_probe.simplify.fitting import fit_proxies
+from illusion_probe.simplify.proxy import Proxy
 from illusion_probe.tasks.base import Split, SplitSet, Task
 
 
@@ -41,7 +41,8 @@ def sweep_proxies(
     n_sequences: int = 1000,
     **options: Any,
 ) -> dict[str, Proxy]:
-    """Fit one proxy per size, each simplifying every hook in ``hooks`` with the registered family ``method``.
+    """Fit one proxy per size, each simplifying every hook in ``hooks`` with the registered family ``method``,
+    all from one streamed pass (every PCA rank from one eigendecomposition; see :func:`fit_proxies`).
 
     Args:
         model: the hooked model.
@@ -52,8 +53,7 @@ def sweep_proxies(
         n_sequences: sequences of ``fit_split`` to fit on.
         options: further constructor options for the simplifier (e.g. ``seed`` for k-means).
     """
-    return fit_proxies(model, sweep_simplifiers(hooks, method, sizes, **options), fit_split, n_sequences,
-                       progress=False)
+    return fit_proxies(model, sweep_simplifiers(hooks, method, sizes, **options), fit_split, n_sequences)
 
 
 def sweep_simplifiers(hooks: Sequence[str], method: str, sizes: Sequence[int | None] = (None,),
@@ -63,18 +63,6 @@ def sweep_simplifiers(hooks: Sequence[str], method: str, sizes: Sequence[int | N
     require(len(sizes) > 0, "a sweep needs at least one size")
     return {proxy_name(method, size, hooks): {hook: Simplifier.create(method, size, **options) for hook in hooks}
             for size in sizes}
-
-
-def fit_proxies(model: torch.nn.Module, wanted: Mapping[str, Mapping[str, Simplifier]], fit_split: Split,
-                n_sequences: int = 1000, progress: bool = True) -> dict[str, Proxy]:
-    """Fit every proxy of ``wanted`` (name -> {hook: simplifier}) on ``fit_split``, in order, with one progress bar."""
-    proxies = {}
-    with tqdm(total=len(wanted), desc="fit", unit="proxy", disable=not progress) as bar:
-        for name, simplifiers in wanted.items():
-            bar.set_postfix_str(name, refresh=False)
-            proxies[name] = fit_proxy(model, simplifiers, fit_split, n_sequences=n_sequences)
-            bar.update()
-    return proxies
 
 
 def sweep(

@@ -4,9 +4,10 @@ from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
 from illusion_probe.simplify.attention import OneHotAttention
 from illusion_probe.simplify.base import FittedSimplifier, Simplifier
 from illusion_probe.simplify.collect import collect_activations
+from illusion_probe.simplify.fitting import fit_proxies, fit_proxy
 from illusion_probe.simplify.kmeans import KMeans
 from illusion_probe.simplify.pca import PCA, SVD
-from illusion_probe.simplify.proxy import Proxy, fit_proxy
+from illusion_probe.simplify.proxy import Proxy
 
 __all__ = [
     "PCA",
@@ -19,5 +20,6 @@ __all__ = [
     "Simplifier",
     "ZeroAblation",
     "collect_activations",
+    "fit_proxies",
     "fit_proxy",
 ]

@@ -20,6 +20,7 @@ feature]`` with ``group = head`` (per head) or ``1``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import torch
@@ -164,6 +165,12 @@ class FittedSimplifier(Simplifier):
     ``check_feature_dim(feature)`` may refuse a size that cannot fit (a rank above the dimension)
     before any data is collected; ``state_shapes(group, feature)`` may give each state tensor's shape,
     so that a saved state of the wrong shape is refused when it is loaded, not when it is applied.
+
+    Sharing accumulators across a sweep. A family whose accumulators do not depend on its size
+    (PCA's Gram matrix, k-means' sample) returns, from ``sharing_key()``, the options they do depend
+    on; simplifiers of one class at one hook with equal keys are then fitted from one stream, the
+    others taking the first one's accumulators through ``adopt(leader)``. ``finish`` must then treat
+    its accumulators as read-only (other simplifiers finish from them too).
     """
 
     needs_data: ClassVar[bool] = True
@@ -268,7 +275,7 @@ class FittedSimplifier(Simplifier):
         x = grouped.reshape(-1, *grouped.shape[-2:])
         require(x.shape[0] > 0, f"{self.describe()}: no samples to fit (empty activations or an all-False mask)")
         require(x.shape[2] > 0, f"{self.describe()}: activations have no features (feature dimension 0)")
-        require(bool(torch.isfinite(x).all()), f"{self.describe()}: activations contain NaN or inf; "
+        require(bool(torch.isfinite(x.sum())), f"{self.describe()}: activations contain NaN or inf; "
                 "check the model and inputs before fitting")
         return x
 
@@ -297,6 +304,28 @@ class FittedSimplifier(Simplifier):
         self.set_tensors({k: v.clone(memory_format=torch.contiguous_format) for k, v in self.tensors().items()})
         self._shape, self._pending = self._pending, None
         self._derived = {}
+        return self
+
+    def sharing_key(self) -> Hashable | None:
+        """The options this family's accumulators depend on, if not on its size; ``None`` (the default) never
+        shares. Simplifiers of one class at one hook with equal keys are fitted from one accumulation."""
+        return None
+
+    def adopt(self, leader: FittedSimplifier) -> None:
+        """Take ``leader``'s accumulators (same class and :meth:`sharing_key`) as this simplifier's own."""
+        raise NotImplementedError(f"{type(self).__name__} has a sharing_key() but no adopt()")
+
+    def share_accumulated(self, leader: FittedSimplifier) -> FittedSimplifier:
+        """Use what ``leader`` accumulated, instead of streaming the same samples again; then :meth:`finalize`
+        as usual. Returns ``self``."""
+        key = self.sharing_key()
+        require(key is not None and type(leader) is type(self) and leader.sharing_key() == key
+                and leader.per_head == self.per_head and leader._pending is not None,
+                f"{self.describe()}: can only share the accumulators of an unfinished {type(self).__name__} "
+                "with the same sharing_key() and per_head")
+        self.check_feature_dim(leader._pending[1])
+        self._pending, self._n_seen = leader._pending, leader._n_seen
+        self.adopt(leader)
         return self
 
     def check_feature_dim(self, feature: int) -> None:

@@ -14,6 +14,7 @@ device.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -62,6 +63,13 @@ class KMeans(FittedSimplifier):
         require(self.n_clusters <= min(n, self.max_samples), f"{self.describe()}: n_clusters={self.n_clusters} "
                 f"exceeds the {min(n, self.max_samples)} samples it would be fitted on; use fewer clusters or more "
                 "sequences")
+
+    def sharing_key(self) -> Hashable:
+        return (self.seed, self.max_samples)  # every cluster count is fitted on one seeded sample
+
+    def adopt(self, leader: FittedSimplifier) -> None:
+        assert isinstance(leader, KMeans)
+        self._reservoir = leader._reservoir
 
     def start(self, shape: tuple[int, int], device: torch.device) -> None:
         self._reservoir = Reservoir(self.max_samples, self.seed)

@@ -1,10 +1,8 @@
 """A proxy: fitted simplifiers spliced into a model at named hooks.
 
-:func:`fit_proxy` validates everything first (split role, hook names, hook
-kinds, shapes, whether edits take effect), then fits every hook in one
-streamed pass over the training split. A :class:`Proxy` is frozen data: its
-simplifiers' tensors, the feature shape of each hook, what it was fit on, and
-provenance. ``with proxy.applied(model): ...`` attaches it through
+A :class:`Proxy` is frozen data: its simplifiers' tensors, the feature shape of
+each hook, what it was fit on (:mod:`illusion_probe.simplify.fitting` fits
+them) and provenance. ``with proxy.applied(model): ...`` attaches it through
 ``model.hooks`` so nothing is left behind, even when the forward pass raises.
 """
 
@@ -31,12 +29,10 @@ from illusion_probe.artifacts import (
 )
 from illusion_probe.backends import Backend
 from illusion_probe.errors import ArtifactError, IllusionProbeError, require
-from illusion_probe.hook_names import is_attention_pattern, is_per_head, layer_of, resolve_hook_name
+from illusion_probe.hook_names import is_attention_pattern, layer_of, resolve_hook_name
 from illusion_probe.provenance import provenance
 from illusion_probe.registry import UnknownNameError
-from illusion_probe.simplify.base import FittedSimplifier, Simplifier
-from illusion_probe.simplify.collect import collect_activations
-from illusion_probe.tasks.base import Split
+from illusion_probe.simplify.base import Simplifier
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -72,7 +68,7 @@ class Proxy:
             require(simplifier.is_fitted, f"Proxy: {simplifier.describe()} at {hook!r} is not fitted; use fit_proxy()")
             simplifier.check_hook(hook)
         self._simplifiers = dict(simplifiers)
-        self.name = name or " + ".join(f"{hook}:{s.describe()}" for hook, s in self._simplifiers.items())
+        self.name = name or default_name(self._simplifiers)
         self.feature_shapes = {k: tuple(v) for k, v in (feature_shapes or {}).items()}
         self.fit_info = dict(fit_info or {})
         self.backend = backend
@@ -185,6 +181,11 @@ class Proxy:
                    fit_info=field(metadata, "fit", meta_file, dict), backend=metadata.get("backend"))
 
 
+def default_name(simplifiers: Mapping[str, Simplifier]) -> str:
+    """A proxy's label when none is given: ``"hook:method(size)"`` joined by ``" + "``."""
+    return " + ".join(f"{hook}:{s.describe()}" for hook, s in simplifiers.items())
+
+
 def _hook_entries(hooks: Any) -> list[dict[str, Any]]:
     """The ``hooks`` list of proxy metadata, each entry checked for its fields."""
     if not isinstance(hooks, list) or not hooks:
@@ -202,16 +203,6 @@ def _observed(hook_name: str, simplifier: Simplifier, on_apply: OnApply) -> Call
         on_apply(hook_name, act, out)
         return out
     return hook_fn
-
-
-def _fit_copy(hook: str, simplifier: Simplifier) -> Simplifier:
-    """An unfitted copy; ``per_head`` follows the hook name unless the caller chose it."""
-    if not isinstance(simplifier, FittedSimplifier):
-        return simplifier.unfitted()
-    per_head = simplifier.per_head if simplifier.per_head_given else is_per_head(hook)
-    require(not per_head or is_per_head(hook),
-            f"{simplifier.describe()}: per_head=True needs a per-head hook (hook_q/k/v/z), not {hook!r}")
-    return simplifier.unfitted(per_head=per_head)
 
 
 def check_hooks(backend: Backend, simplifiers: Mapping[str, Simplifier]) -> dict[str, tuple[int, ...]]:
@@ -237,64 +228,3 @@ def check_hooks(backend: Backend, simplifiers: Mapping[str, Simplifier]) -> dict
                 f"{simplifier.describe()}: edits to {hook!r} are silently ignored by this model "
                 f"({backend.describe()}); use HookedTransformer (backend='hooked') or TransformerLens >= 4.3")
     return shapes
-
-
-def fit_proxy(
-    model: torch.nn.Module,
-    simplifiers: Mapping[str, Simplifier],
-    split: Split,
-    n_sequences: int = 1000,
-    batch_size: int = 64,
-    allow_non_train: bool = False,
-    name: str | None = None,
-) -> Proxy:
-    """Fit unfitted *copies* of ``simplifiers`` on ``split`` in one streamed pass; the arguments are not modified.
-
-    Everything is checked before the first forward pass: the split's role, the hook names, each
-    simplifier against its hook's shape, and whether edits at attention patterns take effect.
-
-    Args:
-        model: a HookedTransformer or TransformerBridge.
-        simplifiers: ``{hook name: simplifier}``; legacy and canonical names both work and
-            the proxy is keyed by the names given. ``per_head`` defaults to the hook kind.
-        split: the training split (``role == "train"``).
-        n_sequences: fit on the first ``n_sequences`` sequences (real positions only).
-        batch_size: sequences per forward pass.
-        allow_non_train: permit fitting on a split whose role is not ``"train"``.
-        name: the proxy's label (see :class:`Proxy`).
-    """
-    return fit_proxy_with(Backend.of(model), simplifiers, split, n_sequences, batch_size, allow_non_train, name)
-
-
-def fit_proxy_with(backend: Backend, simplifiers: Mapping[str, Simplifier], split: Split, n_sequences: int = 1000,
-                   batch_size: int = 64, allow_non_train: bool = False, name: str | None = None) -> Proxy:
-    """:func:`fit_proxy` given the model's backend adapter."""
-    require(isinstance(split, Split), f"fit_proxy: split must be an ip.Split, got {type(split).__name__}"
-            + ("; pick one, e.g. splits['train']" if isinstance(split, Mapping) else ""))
-    require(split.role == "train" or allow_non_train,
-            f"fit_proxy: split {split.name!r} has role {split.role!r}; fitting off the training distribution "
-            "would hide the very gap we measure (pass allow_non_train=True to do it anyway)")
-    require(isinstance(simplifiers, Mapping) and len(simplifiers) > 0,
-            "fit_proxy: give at least one {hook name: simplifier}")
-    require(isinstance(n_sequences, int) and n_sequences > 0, f"fit_proxy: n_sequences must be positive, got {n_sequences!r}")
-    require(isinstance(batch_size, int) and batch_size > 0, f"fit_proxy: batch_size must be positive, got {batch_size!r}")
-    for hook, simplifier in simplifiers.items():
-        require(isinstance(simplifier, Simplifier),
-                f"fit_proxy: the value for {hook!r} is a {type(simplifier).__name__}, not an ip.Simplifier")
-    fitted = {hook: _fit_copy(hook, s) for hook, s in simplifiers.items()}
-    shapes = check_hooks(backend, fitted)
-    data_hooks = [hook for hook, s in fitted.items() if s.needs_data]
-    n = min(n_sequences, len(split))
-    n_tokens = int(split.real_mask[:n].sum())
-    for hook in data_hooks:
-        require(n_tokens > 0, f"fit_proxy: the first {n} sequences of split {split.name!r} hold no real token to fit on")
-        fitted[hook].check_sample_count(n_tokens)
-    if data_hooks:
-        for batch in collect_activations(backend.model, split, data_hooks, n_sequences=n, batch_size=batch_size):
-            for hook in data_hooks:
-                acts = batch[hook]
-                fitted[hook].partial_fit(acts if fitted[hook].per_head else acts.flatten(1))
-        for hook in data_hooks:
-            fitted[hook].finalize()
-    fit_info = {"split": split.name, "role": split.role, "n_sequences": n, "n_tokens": n_tokens}
-    return Proxy(fitted, name=name, feature_shapes=shapes, fit_info=fit_info, backend=backend.kind)
