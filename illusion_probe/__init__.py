@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "MeanAblation": "illusion_probe.simplify.ablation",
     "collect_activations": "illusion_probe.simplify.collect",
     "Proxy": "illusion_probe.simplify.proxy",
+    "SAE": "illusion_probe.simplify.sae",
     "fit_proxy": "illusion_probe.simplify.fitting",
     "fit_proxies": "illusion_probe.simplify.fitting",
     # evaluation and report
@@ -116,6 +117,7 @@ if TYPE_CHECKING:
     from illusion_probe.simplify.pca import PCA, SVD
     from illusion_probe.simplify.proxy import Proxy
     from illusion_probe.simplify.reservoir import Reservoir
+    from illusion_probe.simplify.sae import SAE
     from illusion_probe.study import StudyConfig, load_study
     from illusion_probe.sweeps import sweep
     from illusion_probe.tasks.base import Split, SplitSet, Task

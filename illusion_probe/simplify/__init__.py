@@ -1,4 +1,4 @@
-"""Simplifiers (PCA, SVD, k-means, one-hot attention, ablations) and the proxies built from them."""
+"""Simplifiers (PCA, SVD, k-means, sparse autoencoders, one-hot attention, ablations) and the proxies built from them."""
 
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
 from illusion_probe.simplify.attention import OneHotAttention
@@ -8,9 +8,11 @@ from illusion_probe.simplify.fitting import fit_proxies, fit_proxy
 from illusion_probe.simplify.kmeans import KMeans
 from illusion_probe.simplify.pca import PCA, SVD
 from illusion_probe.simplify.proxy import Proxy
+from illusion_probe.simplify.sae import SAE
 
 __all__ = [
     "PCA",
+    "SAE",
     "SVD",
     "FittedSimplifier",
     "KMeans",
