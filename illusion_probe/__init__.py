@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "Simplifier": "illusion_probe.simplify.base",
     "FittedSimplifier": "illusion_probe.simplify.base",
     "Reservoir": "illusion_probe.simplify.reservoir",
+    "SampledSimplifier": "illusion_probe.simplify.reservoir",
     "PCA": "illusion_probe.simplify.pca",
     "SVD": "illusion_probe.simplify.pca",
     "KMeans": "illusion_probe.simplify.kmeans",
@@ -116,7 +117,7 @@ if TYPE_CHECKING:
     from illusion_probe.simplify.kmeans import KMeans
     from illusion_probe.simplify.pca import PCA, SVD
     from illusion_probe.simplify.proxy import Proxy
-    from illusion_probe.simplify.reservoir import Reservoir
+    from illusion_probe.simplify.reservoir import Reservoir, SampledSimplifier
     from illusion_probe.simplify.sae import SAE
     from illusion_probe.study import StudyConfig, load_study
     from illusion_probe.sweeps import sweep

@@ -14,7 +14,6 @@ device.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,15 +22,14 @@ from torch import Tensor
 
 from illusion_probe.errors import require
 from illusion_probe.registry import register_simplifier
-from illusion_probe.simplify.base import FittedSimplifier
-from illusion_probe.simplify.reservoir import Reservoir
+from illusion_probe.simplify.reservoir import SampledSimplifier
 
 #: Above this many (subsampled) samples, fit with ``MiniBatchKMeans`` (measured; see module docstring).
 MINIBATCH_ABOVE = 100_000
 
 
 @register_simplifier
-class KMeans(FittedSimplifier):
+class KMeans(SampledSimplifier):
     """Snap each activation to the nearest of ``n_clusters`` centroids.
 
     Args:
@@ -64,22 +62,7 @@ class KMeans(FittedSimplifier):
                 f"exceeds the {min(n, self.max_samples)} samples it would be fitted on; use fewer clusters or more "
                 "sequences")
 
-    def sharing_key(self) -> Hashable:
-        return (self.seed, self.max_samples)  # every cluster count is fitted on one seeded sample
-
-    def adopt(self, leader: FittedSimplifier) -> None:
-        assert isinstance(leader, KMeans)
-        self._reservoir = leader._reservoir
-
-    def start(self, shape: tuple[int, int], device: torch.device) -> None:
-        self._reservoir = Reservoir(self.max_samples, self.seed)
-
-    def accumulate(self, x: Tensor) -> None:
-        self._reservoir.add(x)
-
-    def finish(self) -> None:
-        samples = self._reservoir.samples()
-        del self._reservoir
+    def fit_sample(self, samples: Tensor) -> None:
         require(self.n_clusters <= samples.shape[0],
                 f"{self.describe()}: n_clusters={self.n_clusters} exceeds the {samples.shape[0]} fitted samples; "
                 "use fewer clusters or more sequences")

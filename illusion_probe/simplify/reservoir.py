@@ -7,9 +7,14 @@ on the seed and the order of the stream, never on how the stream was batched.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Hashable
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from illusion_probe.simplify.base import FittedSimplifier
 
 
 class Reservoir:
@@ -46,3 +51,36 @@ class Reservoir:
         """The kept rows, in stream order."""
         self._shrink()
         return self._rows[0]
+
+
+class SampledSimplifier(FittedSimplifier):
+    """A fitted simplifier trained on a seeded, bounded sample of its stream (k-means, sparse dictionaries).
+
+    Subclasses set ``seed`` and ``max_samples`` and implement :meth:`fit_sample`. Every size with the
+    same ``(seed, max_samples)`` at one hook shares one :class:`Reservoir` in a sweep.
+    """
+
+    seed: int
+    max_samples: int
+
+    def sharing_key(self) -> Hashable:
+        return (self.seed, self.max_samples)
+
+    def adopt(self, leader: FittedSimplifier) -> None:
+        assert isinstance(leader, SampledSimplifier)
+        self._reservoir = leader._reservoir
+
+    def start(self, shape: tuple[int, int], device: torch.device) -> None:
+        self._reservoir = Reservoir(self.max_samples, self.seed)
+
+    def accumulate(self, x: Tensor) -> None:
+        self._reservoir.add(x)
+
+    def finish(self) -> None:
+        samples = self._reservoir.samples()
+        del self._reservoir
+        self.fit_sample(samples)
+
+    @abstractmethod
+    def fit_sample(self, samples: Float[Tensor, "m group feature"]) -> None:
+        """Set the frozen state from the kept samples (float32, on the CPU; read-only, other sizes share them)."""

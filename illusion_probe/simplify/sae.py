@@ -19,7 +19,6 @@ result is reproducible on CPU for a given thread count.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import torch
@@ -28,14 +27,13 @@ from torch import Tensor
 
 from illusion_probe.errors import require
 from illusion_probe.registry import register_simplifier
-from illusion_probe.simplify.base import FittedSimplifier
-from illusion_probe.simplify.reservoir import Reservoir
+from illusion_probe.simplify.reservoir import SampledSimplifier
 
 ARCHITECTURES = ("topk", "relu")
 
 
 @register_simplifier
-class SAE(FittedSimplifier):
+class SAE(SampledSimplifier):
     """Reconstruct each activation from a sparse code over ``d_sae`` learned directions.
 
     Sweeps vary ``d_sae`` (the dictionary width) with the sparsity fixed (``k`` or ``l1_coefficient``).
@@ -87,22 +85,7 @@ class SAE(FittedSimplifier):
         return f"sae(d_sae={self.d_sae}, {sparsity})"
 
     # -- fitting ----------------------------------------------------------------------
-    def sharing_key(self) -> Hashable:
-        return (self.seed, self.max_samples)  # every width trains on one seeded sample
-
-    def adopt(self, leader: FittedSimplifier) -> None:
-        assert isinstance(leader, SAE)
-        self._reservoir = leader._reservoir
-
-    def start(self, shape: tuple[int, int], device: torch.device) -> None:
-        self._reservoir = Reservoir(self.max_samples, self.seed)
-
-    def accumulate(self, x: Tensor) -> None:
-        self._reservoir.add(x)
-
-    def finish(self) -> None:
-        samples = self._reservoir.samples()  # [m, group, feature] float32 on the CPU
-        del self._reservoir
+    def fit_sample(self, samples: Tensor) -> None:
         trained = [self._train(samples[:, g]) for g in range(samples.shape[1])]
         self.set_tensors({name: torch.stack([t[name] for t in trained]) for name in trained[0]})
 
