@@ -53,6 +53,9 @@ _EXPORTS: dict[str, str] = {
     "collect_activations": "illusion_probe.simplify.collect",
     "Proxy": "illusion_probe.simplify.proxy",
     "SAE": "illusion_probe.simplify.sae",
+    "Transcoder": "illusion_probe.simplify.transcoder",
+    "ExternalSAE": "illusion_probe.simplify.external",
+    "SparseDictionary": "illusion_probe.simplify.dictionary",
     "fit_proxy": "illusion_probe.simplify.fitting",
     "fit_proxies": "illusion_probe.simplify.fitting",
     # evaluation and report
@@ -113,12 +116,15 @@ if TYPE_CHECKING:
     from illusion_probe.simplify.attention import OneHotAttention
     from illusion_probe.simplify.base import FittedSimplifier, Simplifier
     from illusion_probe.simplify.collect import collect_activations
+    from illusion_probe.simplify.dictionary import SparseDictionary
+    from illusion_probe.simplify.external import ExternalSAE
     from illusion_probe.simplify.fitting import fit_proxies, fit_proxy
     from illusion_probe.simplify.kmeans import KMeans
     from illusion_probe.simplify.pca import PCA, SVD
     from illusion_probe.simplify.proxy import Proxy
     from illusion_probe.simplify.reservoir import Reservoir, SampledSimplifier
     from illusion_probe.simplify.sae import SAE
+    from illusion_probe.simplify.transcoder import Transcoder
     from illusion_probe.study import StudyConfig, load_study
     from illusion_probe.sweeps import sweep
     from illusion_probe.tasks.base import Split, SplitSet, Task

@@ -271,7 +271,8 @@ def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task
     chosen = resolve_metrics(None if metrics is None else list(metrics))
     position = [m for m in chosen if isinstance(m, Metric)]
     hook_metrics = [m for m in chosen if isinstance(m, HookMetric)]
-    watched = {name: {m.name: m.watched(list(p.hook_names)) for m in hook_metrics} for name, p in proxies.items()}
+    watched = {name: {m.name: m.watched(_dictionary_hooks(p) if m.reference == "latents" else list(p.hook_names))
+                      for m in hook_metrics} for name, p in proxies.items()}
     for name, per_metric in watched.items():
         for metric in hook_metrics:
             outside = [h for h in per_metric[metric.name] if metric.reference == "input" and h not in proxies[name].hook_names]
@@ -283,7 +284,7 @@ def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task
     twins = {hooks: next((n for n, p in proxies.items() if p.same_edit(b)), None) for hooks, b in baselines.items()}
     resume: dict[str, int | None] = {}
     for name, proxy in proxies.items():
-        hooks = [*proxy.hook_names, *(h for hs in watched[name].values() for h in hs)]
+        hooks = [*proxy.read_hooks, *(h for hs in watched[name].values() for h in hs)]
         resume[name] = _resume_layer(backend, hooks)
     baseline_resume = {hooks: _resume_layer(backend, sorted(hooks)) for hooks in baselines}
     return _Plan(position, hook_metrics, proxies, baselines, twins, watched, resume, baseline_resume, ids)
@@ -382,20 +383,34 @@ def _run(backend: Backend, batch: Split, hooks: list, layer: int | None, enterin
                                   resume=None if layer is None else (layer, entering[layer]))
 
 
+def _dictionary_hooks(proxy: Proxy) -> list[str]:
+    return [hook for hook, simplifier in proxy.simplifiers.items() if simplifier.has_latents]
+
+
 def _observed_hooks(plan: _Plan, name: str, proxy: Proxy, real: Tensor, references: dict[tuple[str, str], Tensor],
                     sums: _Sums) -> list:
-    """The proxy's hooks, wrapped to feed its hook metrics (``input`` references), then observers that compare
-    with the clean activations (``clean`` references)."""
-    inputs = {m.name: m for m in plan.hook_metrics if m.reference == "input"}
+    """The proxy's hooks, wrapped to feed its hook metrics (``input`` and ``latents`` references), then observers
+    that compare with the clean activations (``clean`` references)."""
+    inputs = [m for m in plan.hook_metrics if m.reference == "input"]
+    latent_metrics = [m for m in plan.hook_metrics if m.reference == "latents"]
     watched = plan.watched[name]
+    simplifiers = proxy.simplifiers
 
     def on_apply(hook: str, act: Tensor, out: Tensor) -> None:
-        for metric in inputs.values():
+        for metric in inputs:
             if hook in watched[metric.name]:
                 for term, values in metric.terms(act, out, real).items():
                     sums.add((name, hook, metric.name, term), values)
 
-    hooks = proxy.fwd_hooks(on_apply=on_apply if inputs else None)
+    def on_latents(hook: str, latents: Tensor) -> None:
+        frequency = getattr(simplifiers[hook], "train_frequency", None)
+        for metric in latent_metrics:
+            if hook in watched[metric.name]:
+                for term, values in metric.terms(latents, frequency, real).items():
+                    sums.add((name, hook, metric.name, term), values)
+
+    hooks = proxy.fwd_hooks(on_apply=on_apply if inputs else None,
+                            on_latents=on_latents if latent_metrics else None)
     for metric in plan.hook_metrics:
         if metric.reference == "clean":
             hooks += [(hook, _compare(metric, name, hook, references, real, sums)) for hook in watched[metric.name]]

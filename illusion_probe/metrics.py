@@ -9,7 +9,8 @@ Two kinds:
   the value. ``count``, the number of scored positions, is always among the totals.
 - A :class:`HookMetric` compares activations at hooks over every real token: the proxy's output at
   a hook with what the simplifier received (``reference = "input"``) or with the clean model's
-  activation there (``reference = "clean"``).
+  activation there (``reference = "clean"``), or reads a sparse dictionary's latents
+  (``reference = "latents"``).
 
 Register a metric with ``@ip.register_metric`` and :func:`ip.evaluate` computes it by default; the
 results table, the CSV, the gaps, the headline and the report show it with no other change.
@@ -115,13 +116,16 @@ class HookMetric(ABC):
         name, title, higher_is_better: as for :class:`Metric`.
         reference: ``"input"`` compares a simplifier's output with its input (watched hooks must be
             hooks the proxy simplifies); ``"clean"`` compares the activation in the proxied run with
-            the clean model's at the same hook.
+            the clean model's at the same hook; ``"latents"`` reads the latents of the sparse
+            dictionaries a proxy applies: :meth:`watched` is given only their hooks, and
+            :meth:`terms` receives ``(latents [batch, pos, group, d_sae], train_frequency [group, d_sae]
+            or None, real)``, ``train_frequency`` being each latent's firing rate on the fit sample.
     """
 
     name: ClassVar[str]
     title: ClassVar[str] = ""
     higher_is_better: ClassVar[bool | None] = True
-    reference: ClassVar[Literal["input", "clean"]] = "input"
+    reference: ClassVar[Literal["input", "clean", "latents"]] = "input"
 
     @abstractmethod
     def watched(self, simplified: list[str]) -> list[str]:
@@ -322,3 +326,103 @@ class AttentionAgreement(HookMetric):
 
     def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
         return totals["same"] / totals["rows"]
+
+
+# -- built-in metrics over sparse-dictionary latents ---------------------------------------------------
+
+
+class LatentMetric(HookMetric):
+    """A metric over the latents of every sparse dictionary a proxy applies (every real token)."""
+
+    reference = "latents"
+
+    def watched(self, simplified: list[str]) -> list[str]:
+        return simplified  # evaluation passes the dictionary hooks only
+
+    @staticmethod
+    def fired(latents: Tensor, real: Bool[Tensor, "batch pos"]) -> Float[Tensor, "batch latents"]:
+        """Per sequence, how many real tokens each latent (each head's, flattened) fires on."""
+        return ((latents > 0) & real[:, :, None, None]).sum(1).flatten(1).double()
+
+
+@register_metric
+class L0(LatentMetric):
+    """``l0``: mean number of active latents per token (per dictionary, for per-head dictionaries)."""
+
+    name = "l0"
+    title = "L0 (active latents per token)"
+    higher_is_better = None
+
+    def terms(self, reference: Tensor, proxied: Tensor | None, real: Tensor) -> dict[str, Tensor]:
+        groups = reference.shape[2]
+        return {"active": self.fired(reference, real).sum(1), "count": real.sum(1).double() * groups}
+
+    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
+        return totals["active"] / totals["count"]
+
+
+@register_metric
+class DeadFraction(LatentMetric):
+    """``dead_fraction``: the share of latents that fire on no real token of the split."""
+
+    name = "dead_fraction"
+    title = "dead latents (share)"
+    higher_is_better = None
+
+    def terms(self, reference: Tensor, proxied: Tensor | None, real: Tensor) -> dict[str, Tensor]:
+        return {"fired": self.fired(reference, real)}
+
+    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
+        return (totals["fired"] == 0).mean(axis=-1)
+
+
+class AgainstTraining(LatentMetric):
+    """A latent metric compared with the firing rates on the fit sample.
+
+    The fit-sample rates are a constant of the dictionary; to reach :meth:`reduce` through the
+    per-sequence sums (and their resamples) they are carried as ``tokens * rate`` per sequence, so
+    ``totals["train_rate"] / totals["tokens"]`` gives them back exactly.
+    """
+
+    def terms(self, reference: Tensor, proxied: Tensor | None, real: Tensor) -> dict[str, Tensor]:
+        if proxied is None:  # a dictionary without fit-sample rates (an external one): not applicable
+            return {}
+        tokens = real.sum(1).double()
+        return {"fired": self.fired(reference, real), "tokens": tokens,
+                "train_rate": tokens[:, None] * proxied.flatten().to(tokens.device, torch.float64)}
+
+    @staticmethod
+    def train_rate(totals: Mapping[str, np.ndarray]) -> np.ndarray:
+        return totals["train_rate"] / totals["tokens"][..., None]
+
+
+@register_metric
+class FrequencyShift(AgainstTraining):
+    """``frequency_shift``: total variation between which latents fire on the split and on the fit sample.
+
+    ``0.5 * sum_i |p_i - q_i|``, with ``p_i`` the share of the split's firings that are latent ``i``'s
+    and ``q_i`` the same share on the fit sample: 0 when the latents fire in the same proportions,
+    1 when the split uses only latents that never fire in training.
+    """
+
+    name = "frequency_shift"
+    title = "latent frequency shift (total variation)"
+    higher_is_better = False
+
+    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
+        fired, train = totals["fired"], self.train_rate(totals)
+        p = fired / np.maximum(fired.sum(axis=-1, keepdims=True), 1e-300)
+        q = train / np.maximum(train.sum(axis=-1, keepdims=True), 1e-300)
+        return 0.5 * np.abs(p - q).sum(axis=-1)
+
+
+@register_metric
+class OODOnlyLatents(AgainstTraining):
+    """``ood_only_latents``: how many latents fire on the split but never on the fit sample."""
+
+    name = "ood_only_latents"
+    title = "latents firing only off the fit sample"
+    higher_is_better = False
+
+    def reduce(self, totals: Mapping[str, np.ndarray]) -> np.ndarray:
+        return ((totals["fired"] > 0) & (self.train_rate(totals) == 0)).sum(axis=-1).astype(np.float64)

@@ -44,6 +44,8 @@ class Simplifier(ABC):
     size_option: ClassVar[str | None] = None
     #: False for data-free simplifiers: ``fit_proxy`` collects no activations for them.
     needs_data: ClassVar[bool] = False
+    #: True for sparse dictionaries, whose :meth:`latents` the dictionary metrics read.
+    has_latents: ClassVar[bool] = False
 
     # -- identity -------------------------------------------------------------------
     @property
@@ -106,7 +108,12 @@ class Simplifier(ABC):
         """
         module = config.get("module") or "the module that defines it"
         target = SIMPLIFIERS.get(config["method"], fix=f"import {module} (which registers it) before loading")
-        simplifier = target(**config["options"])
+        return target.rebuild(config, state)
+
+    @classmethod
+    def rebuild(cls, config: dict[str, Any], state: dict[str, Tensor]) -> Simplifier:
+        """This class's simplifier from :meth:`config` and :meth:`state_dict` (``ValueError`` if they do not fit)."""
+        simplifier = cls(**config["options"])
         simplifier._load_state(config, state)
         return simplifier
 
@@ -132,6 +139,20 @@ class Simplifier(ABC):
         return self.partial_fit(acts, mask).finalize()
 
     # -- application ----------------------------------------------------------------
+    def input_hook(self, hook_name: str) -> str | None:
+        """The hook whose activation this simplifier reads when it replaces ``hook_name``'s: ``None`` (the
+        default) for ``hook_name`` itself; a transcoder reads its MLP's input."""
+        return None
+
+    def replace(self, source: Tensor, act: Tensor, hook: Any = None) -> Tensor:
+        """The replacement for ``act``, computed from ``source`` (the activation at :meth:`input_hook`, or
+        ``act`` itself). The default is ``self(act, hook)``."""
+        return self(act, hook)
+
+    def latents(self, source: Tensor) -> Float[Tensor, "*samples group d_sae"]:
+        """A sparse dictionary's latents for the activation ``source`` it reads (``has_latents`` simplifiers only)."""
+        raise NotImplementedError(f"{self.describe()} has no latents")
+
     def check_hook(self, hook_name: str) -> None:
         """Raise unless this simplifier can act at a hook called ``hook_name`` (checked before any forward)."""
         require(not is_attention_pattern(hook_name),

@@ -129,11 +129,15 @@ def _accumulate(backend: Backend, jobs: list[tuple[str, Simplifier]], split: Spl
             followers.append((simplifier, group))
         else:
             leaders[group] = (hook, simplifier)
-    hooks = list(dict.fromkeys(hook for hook, _ in leaders.values()))
+    readers = [(hook, simplifier, simplifier.input_hook(hook)) for hook, simplifier in leaders.values()]
+    hooks = list(dict.fromkeys(name for hook, _, source in readers for name in (hook, source) if name is not None))
     for batch in collect_activations(backend.model, split, hooks, n_sequences=n, batch_size=batch_size):
-        for hook, simplifier in leaders.values():
-            acts = batch[hook]
-            simplifier.partial_fit(acts if simplifier.per_head else acts.flatten(1))
+        for hook, simplifier, source in readers:
+            acts = batch[hook] if simplifier.per_head else batch[hook].flatten(1)
+            if source is None:
+                simplifier.partial_fit(acts)
+            else:  # a transcoder: (MLP input, MLP output) pairs at the same positions
+                simplifier.partial_fit(acts, inputs=batch[source].flatten(1))  # type: ignore[call-arg]
     for follower, group in followers:
         follower.share_accumulated(leaders[group][1])
 

@@ -29,7 +29,7 @@ from illusion_probe.artifacts import (
 )
 from illusion_probe.backends import Backend
 from illusion_probe.errors import ArtifactError, IllusionProbeError, require
-from illusion_probe.hook_names import is_attention_pattern, layer_of, resolve_hook_name
+from illusion_probe.hook_names import hook_points, is_attention_pattern, layer_of, resolve_hook_name
 from illusion_probe.provenance import provenance
 from illusion_probe.registry import UnknownNameError
 from illusion_probe.simplify.base import Simplifier
@@ -39,6 +39,8 @@ TENSORS_FILE = "tensors.safetensors"
 
 #: ``on_apply(hook_name, act_in, act_out)``: called after each application of a simplifier.
 OnApply = Callable[[str, Tensor, Tensor], None]
+#: ``on_latents(hook_name, latents)``: called after each application of a sparse dictionary.
+OnLatents = Callable[[str, Tensor], None]
 
 
 class Proxy:
@@ -51,6 +53,7 @@ class Proxy:
             (``(head,)`` for attention patterns); used by :meth:`check_compatible`.
         fit_info: what it was fit on (``split``, ``role``, ``n_sequences``, ``n_tokens``).
         backend: the kind of model it was fit on (``hooked``, ``bridge`` or ``bridge_hf``).
+        error_term: the identity control (see :meth:`with_error_term`).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class Proxy:
         feature_shapes: Mapping[str, tuple[int, ...]] | None = None,
         fit_info: Mapping[str, Any] | None = None,
         backend: str | None = None,
+        error_term: bool = False,
     ):
         require(len(simplifiers) > 0, "Proxy needs at least one {hook name: simplifier}")
         for hook, simplifier in simplifiers.items():
@@ -72,6 +76,7 @@ class Proxy:
         self.feature_shapes = {k: tuple(v) for k, v in (feature_shapes or {}).items()}
         self.fit_info = dict(fit_info or {})
         self.backend = backend
+        self.error_term = bool(error_term)
 
     @property
     def simplifiers(self) -> dict[str, Simplifier]:
@@ -82,6 +87,21 @@ class Proxy:
     def hook_names(self) -> tuple[str, ...]:
         """The hooks this proxy edits, in the order given."""
         return tuple(self._simplifiers)
+
+    @property
+    def read_hooks(self) -> tuple[str, ...]:
+        """Every hook the proxy touches: those it edits and those its simplifiers read (a transcoder's MLP input)."""
+        sources = (s.input_hook(hook) for hook, s in self._simplifiers.items())
+        return tuple(dict.fromkeys([*self._simplifiers, *(h for h in sources if h is not None)]))
+
+    def with_error_term(self) -> Proxy:
+        """The identity control: this proxy with every reconstruction error added back, ``x_hat + (x - x_hat)``
+        (summed in float64, so the clean activation comes back exactly), as SAELens's ``use_error_term``.
+
+        Its outputs must equal the clean model's: anything else is a fault in the plumbing, not the proxy.
+        """
+        return Proxy(self._simplifiers, name=f"{self.name} + error", feature_shapes=self.feature_shapes,
+                     fit_info=self.fit_info, backend=self.backend, error_term=True)
 
     def describe(self) -> str:
         """The proxy's label (same as ``name``)."""
@@ -98,7 +118,7 @@ class Proxy:
             return False
         for hook, mine in self._simplifiers.items():
             theirs = other._simplifiers[hook]
-            if type(mine) is not type(theirs) or mine.options() != theirs.options():
+            if type(mine) is not type(theirs) or mine.options() != theirs.options() or self.error_term != other.error_term:
                 return False
             a, b = mine.state_dict(), theirs.state_dict()
             if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
@@ -106,16 +126,28 @@ class Proxy:
         return True
 
     # -- running ----------------------------------------------------------------------
-    def fwd_hooks(self, on_apply: OnApply | None = None) -> list[tuple[str, Callable[..., Tensor]]]:
+    def fwd_hooks(self, on_apply: OnApply | None = None,
+                  on_latents: OnLatents | None = None) -> list[tuple[str, Callable[..., Tensor | None]]]:
         """``[(hook name, hook fn)]`` for ``model.run_with_hooks`` / ``model.hooks``.
+
+        A simplifier that reads another hook (a transcoder reads its MLP's input) gets a hook there
+        that keeps the activation, ahead of the one that replaces its own.
 
         Args:
             on_apply: optional ``(hook_name, act_in, act_out) -> None`` called at every application,
                 e.g. to accumulate the explained variance of each reconstruction.
+            on_latents: optional ``(hook_name, latents) -> None`` called at every application of a
+                sparse dictionary with its latents ``[batch, pos, group, d_sae]``.
         """
-        if on_apply is None:
-            return list(self._simplifiers.items())
-        return [(hook, _observed(hook, s, on_apply)) for hook, s in self._simplifiers.items()]
+        hooks: list[tuple[str, Callable[..., Tensor | None]]] = []
+        for hook, simplifier in self._simplifiers.items():
+            source = simplifier.input_hook(hook)
+            held: dict[str, Tensor] = {}
+            if source is not None:
+                hooks.append((source, _keep(held)))
+            hooks.append((hook, _replacement(hook, simplifier, held if source is not None else None, on_apply,
+                                             on_latents, self.error_term)))
+        return hooks
 
     @contextmanager
     def applied(self, model: torch.nn.Module, on_apply: OnApply | None = None) -> Iterator[torch.nn.Module]:
@@ -149,7 +181,8 @@ class Proxy:
                           "feature_shape": None if shape is None else list(shape)})
             tensors.update({f"{index}.{key}": t for key, t in simplifier.state_dict().items()})
         metadata = {"kind": "proxy", "format_version": FORMAT_VERSION, "name": self.name, "hooks": hooks,
-                    "fit": self.fit_info, "backend": self.backend, "provenance": provenance()}
+                    "fit": self.fit_info, "backend": self.backend, "error_term": self.error_term,
+                    "provenance": provenance()}
         with atomic_directory(path) as staging:
             write_tensors(staging / TENSORS_FILE, tensors)
             write_json(staging / METADATA_FILE, metadata)
@@ -178,7 +211,8 @@ class Proxy:
             if entry["feature_shape"] is not None:
                 shapes[entry["name"]] = tuple(int(d) for d in entry["feature_shape"])
         return cls(simplifiers, name=field(metadata, "name", meta_file, str), feature_shapes=shapes,
-                   fit_info=field(metadata, "fit", meta_file, dict), backend=metadata.get("backend"))
+                   fit_info=field(metadata, "fit", meta_file, dict), backend=metadata.get("backend"),
+                   error_term=metadata.get("error_term") is True)
 
 
 def default_name(simplifiers: Mapping[str, Simplifier]) -> str:
@@ -197,10 +231,25 @@ def _hook_entries(hooks: Any) -> list[dict[str, Any]]:
     return hooks
 
 
-def _observed(hook_name: str, simplifier: Simplifier, on_apply: OnApply) -> Callable[..., Tensor]:
+def _keep(held: dict[str, Tensor]) -> Callable[..., None]:
+    """A hook keeping the activation it sees in ``held["source"]`` (and leaving it unchanged)."""
+    def hook_fn(act: Tensor, hook: Any = None) -> None:
+        held["source"] = act
+    return hook_fn
+
+
+def _replacement(hook_name: str, simplifier: Simplifier, held: dict[str, Tensor] | None, on_apply: OnApply | None,
+                 on_latents: OnLatents | None, error_term: bool) -> Callable[..., Tensor]:
+    """The hook putting ``simplifier`` at ``hook_name``, reading ``held["source"]`` when it reads another hook."""
     def hook_fn(act: Tensor, hook: Any = None) -> Tensor:
-        out = simplifier(act, hook)
-        on_apply(hook_name, act, out)
+        source = act if held is None else held.pop("source")
+        out = simplifier.replace(source, act, hook)
+        if on_latents is not None and simplifier.has_latents:
+            on_latents(hook_name, simplifier.latents(source))
+        if on_apply is not None:
+            on_apply(hook_name, act, out)
+        if error_term:  # x_hat + (x - x_hat), exact in float64
+            out = (out.double() + (act.double() - out.double())).to(act.dtype)
         return out
     return hook_fn
 
@@ -216,10 +265,16 @@ def check_hooks(backend: Backend, simplifiers: Mapping[str, Simplifier]) -> dict
     for hook, simplifier in simplifiers.items():
         require(isinstance(simplifier, Simplifier),
                 f"the value for {hook!r} is a {type(simplifier).__name__}, not an ip.Simplifier")
+        simplifier.check_hook(hook)
+        source = simplifier.input_hook(hook)
+        if source is not None:
+            missing = [name for name in (hook, source) if name not in hook_points(backend.model)]
+            require(not missing, f"{simplifier.describe()} at {hook!r} reads {source!r}, and this model has no "
+                    f"{' or '.join(map(repr, missing))}: a block without an MLP, or (for the input) without a norm "
+                    "before it; pick a block with an MLP, or pass input_hook='blocks.L.hook_resid_mid'")
         resolved = resolve_hook_name(backend.model, hook)
         require(resolved not in canonical.values(), f"{hook!r} names the same hook as another entry")
         canonical[hook] = resolved
-        simplifier.check_hook(hook)
     shapes = backend.feature_shapes(list(simplifiers))
     for hook, simplifier in simplifiers.items():
         simplifier.check_feature_shape(shapes[hook])
