@@ -2,7 +2,8 @@
 
 A random 4-layer, d_model 512 model (HookedTransformer on TransformerLens 3.x,
 else the native bridge), batch 32 x 256 on CPU, one simplifier at
-``blocks.2.hook_resid_pre`` fitted on 64 random sequences. Clean and proxy
+``blocks.2.hook_resid_pre`` fitted on 64 random sequences (the TopK SAE, d_sae 4 x d_model and
+k 32, for one epoch: its weights' quality does not change the cost). Clean and proxy
 forwards are interleaved and the median of ``--repeats`` is reported. A second
 table times the PCA hook's two apply paths on their own (square projector vs
 two thin matmuls) to justify the switch at ``2 * rank < d``.
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     train = ip.Split.from_tokens(torch.randint(0, 64, (64, args.pos), generator=generator), "train", name="train")
     tokens = torch.randint(0, 64, (args.batch, args.pos), generator=generator)
     proxies = {s.describe(): ip.fit_proxy(model, {HOOK: s}, train, batch_size=16)
-               for s in (ip.PCA(16), ip.PCA(256), ip.PCA(512), ip.KMeans(64))}
+               for s in (ip.PCA(16), ip.PCA(256), ip.PCA(512), ip.KMeans(64), ip.SAE(4 * 512, k=32, epochs=1))}
     print(f"backend {model_backend(model)}, "
           f"batch {args.batch} x {args.pos}, threads {torch.get_num_threads()}")
     print("| proxy at " + HOOK + " | clean s | proxy s | ratio |")

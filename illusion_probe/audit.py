@@ -28,7 +28,7 @@ import torch
 
 from illusion_probe.backends import Backend
 from illusion_probe.config import apply_overrides, check_types, from_table, read_toml
-from illusion_probe.errors import require
+from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
 from illusion_probe.hook_names import attn_pattern, resolve_hook_name
 from illusion_probe.loading import load_model
@@ -68,6 +68,11 @@ class ProxySpec:
         require(bool(sizes) == (size_option is not None),
                 f"proxy spec {text!r}: {method} " + (f"needs sizes (its {size_option}), e.g. {method}:4,8@HOOK"
                                                      if size_option else "takes no sizes"))
+        try:  # every option but the size from its default: a family that needs more (an external SAE) says so
+            Simplifier.create(method, sizes[0] if sizes else None)
+        except TypeError as err:
+            raise IllusionProbeError(f"proxy spec {text!r}: {method} cannot be built from a spec ({err}); "
+                                     "build it in Python and pass it to ip.fit_proxy") from None
         hooks = tuple(attn_pattern(int(h)) if h.isdigit() else h for h in match["hooks"].split("+"))
         return cls(method, sizes or (None,), hooks)
 

@@ -27,7 +27,7 @@ from illusion_probe.artifacts import atomic_directory, read_json, write_json
 from illusion_probe.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from illusion_probe.errors import ArtifactError, IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
-from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, resid_pre
+from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, mlp_out, resid_pre
 from illusion_probe.models import build_model, resolve_device
 from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
@@ -68,8 +68,8 @@ class Run:
     """A validated run of a study: where it writes, its task and splits, its untrained model, its stage stamps.
 
     The run seed is the one source of every seed: splits are drawn with ``seed``, the model starts from
-    ``model.seed + seed``, batches are ordered by ``train.seed + seed``, and the bootstrap and the
-    projection's sample use ``seed``.
+    ``model.seed + seed``, batches are ordered by ``train.seed + seed``, and sparse dictionaries, the
+    bootstrap and the projection's sample use ``seed``.
     """
 
     study: StudyConfig
@@ -194,14 +194,18 @@ def train_stage(run: Run, allow_training: bool = True) -> tuple[torch.nn.Module,
 
 
 def layer_hooks(layer: int) -> dict[str, list[str]]:
-    """The hook groups studied in one layer: keys+queries, the residual stream entering it, its attention pattern."""
-    return {"kq": [attn_k(layer), attn_q(layer)], "resid": [resid_pre(layer)], "pattern": [attn_pattern(layer)]}
+    """The hook groups studied in one layer: keys+queries, the residual stream entering it, its attention
+    pattern, its MLP output."""
+    return {"kq": [attn_k(layer), attn_q(layer)], "resid": [resid_pre(layer)], "pattern": [attn_pattern(layer)],
+            "mlp": [mlp_out(layer)]}
 
 
 def study_proxies(model: torch.nn.Module, run: Run) -> dict[str, Proxy]:
     """Every proxy of the study, for every analysed layer: PCA on keys/queries and on the residual
-    stream, k-means on keys/queries, one-hot attention, and mean/zero ablation baselines."""
+    stream, k-means on keys/queries, TopK SAEs on the residual stream and transcoders of the MLP (where
+    the preset asks for them), one-hot attention, and mean/zero ablation baselines."""
     config = run.study.proxies
+    dictionary = {"k": config.dictionary_k, "epochs": config.dictionary_epochs, "seed": run.seed}
     wanted: dict[str, dict[str, Simplifier]] = {}
     for layer in run.layers:
         groups = layer_hooks(layer)
@@ -209,6 +213,9 @@ def study_proxies(model: torch.nn.Module, run: Run) -> dict[str, Proxy]:
             **sweep_simplifiers(groups["kq"], "pca", config.kq_pca_sizes),
             **sweep_simplifiers(groups["resid"], "pca", config.resid_pca_sizes),
             **sweep_simplifiers(groups["kq"], "kmeans", config.kmeans_sizes),
+            **(sweep_simplifiers(groups["resid"], "sae", config.sae_sizes, **dictionary) if config.sae_sizes else {}),
+            **(sweep_simplifiers(groups["mlp"], "transcoder", config.transcoder_sizes, **dictionary)
+               if config.transcoder_sizes else {}),
             **sweep_simplifiers(groups["pattern"], "onehot_attention"),
             **sweep_simplifiers(groups["kq"], "mean_ablation"),
             **sweep_simplifiers(groups["kq"], "zero_ablation"),

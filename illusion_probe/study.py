@@ -42,6 +42,11 @@ class ProxyConfig:
         kq_pca_sizes: PCA ranks for the layer's keys and queries (per head).
         resid_pca_sizes: PCA ranks for the residual stream entering the layer.
         kmeans_sizes: cluster counts for k-means on the keys and queries (per head).
+        sae_sizes: dictionary widths ``d_sae`` of TopK SAEs on the residual stream entering the layer
+            (empty: none).
+        transcoder_sizes: widths of TopK transcoders replacing the layer's MLP output (empty: none).
+        dictionary_k: latents kept per token by those SAEs and transcoders.
+        dictionary_epochs: epochs each SAE and transcoder trains over its fit sample.
     """
 
     layers: tuple[int, ...] = (-1,)
@@ -49,6 +54,10 @@ class ProxyConfig:
     kq_pca_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     resid_pca_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     kmeans_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    sae_sizes: tuple[int, ...] = ()
+    transcoder_sizes: tuple[int, ...] = ()
+    dictionary_k: int = 4
+    dictionary_epochs: int = 20
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -56,6 +65,14 @@ class ProxyConfig:
         require(self.n_fit_sequences >= 1, f"proxies.n_fit_sequences must be >= 1, got {self.n_fit_sequences}")
         for name in ("kq_pca_sizes", "resid_pca_sizes", "kmeans_sizes"):
             _sizes(f"proxies.{name}", getattr(self, name))
+        for name in ("sae_sizes", "transcoder_sizes"):
+            if getattr(self, name):
+                _sizes(f"proxies.{name}", getattr(self, name))
+        require(self.dictionary_k >= 1, f"proxies.dictionary_k must be >= 1, got {self.dictionary_k}")
+        narrowest = min((*self.sae_sizes, *self.transcoder_sizes), default=self.dictionary_k)
+        require(self.dictionary_k <= narrowest, f"proxies.dictionary_k={self.dictionary_k} exceeds the narrowest "
+                f"dictionary (d_sae={narrowest}); keep at most d_sae latents")
+        require(self.dictionary_epochs >= 1, f"proxies.dictionary_epochs must be >= 1, got {self.dictionary_epochs}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +157,8 @@ class StudyConfig:
                 f" above the keys' and queries' dimension d_head={d_head}")
         require(max(self.proxies.resid_pca_sizes) <= d_model, "proxies.resid_pca_sizes has rank "
                 f"{max(self.proxies.resid_pca_sizes)} above the residual stream's dimension d_model={d_model}")
+        require(not (self.model.attn_only and self.proxies.transcoder_sizes), "proxies.transcoder_sizes asks for "
+                "transcoders, but model.attn_only = true leaves no MLP to replace; set proxies.transcoder_sizes = []")
 
     def check_against_data(self, n_fit_tokens: int) -> None:
         """Cross-field checks that need the drawn train split: clusters against the tokens they are fitted on."""

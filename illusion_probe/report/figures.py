@@ -80,6 +80,49 @@ def sweep_figure(results: Results, metrics: Sequence[str] = ("agreement", "kl"),
     return fig
 
 
+def fidelity_figure(results: Results, metric: str = "agreement") -> go.Figure | None:
+    """``metric`` on each split against explained variance in distribution, one line per swept family.
+
+    A proxy's x is its explained variance on the first in-distribution (``id``) split, averaged over
+    its hooks; proxies at the same x are equally faithful in distribution, so the families' curves
+    compare their out-of-distribution fidelity at matched in-distribution fidelity. ``None`` when no
+    swept family has an explained variance (or there is no ``id`` split).
+    """
+    in_distribution = results.splits_with_role("id")
+    if not in_distribution:
+        return None
+    reference = in_distribution[0]
+    fidelity: dict[tuple[str, str], dict[str, float]] = {}
+    for group in sweep_groups(results):
+        by_proxy: dict[str, list[float]] = {}
+        for r in results.select(metric="explained_variance", split=reference, method=group[0], category="all"):
+            if r.hooks == group[1] and _finite(r.value):
+                by_proxy.setdefault(r.proxy, []).append(r.value)
+        if len(by_proxy) > 1:
+            fidelity[group] = {proxy: sum(values) / len(values) for proxy, values in by_proxy.items()}
+    if not fidelity:
+        return None
+    fig = make_subplots(rows=1, cols=len(results.splits), column_titles=list(results.splits), shared_yaxes=True,
+                        horizontal_spacing=0.02)
+    for i, (group, x_of) in enumerate(fidelity.items()):
+        label = _group_title(results, *group).replace("<br>", " @ ")
+        for col, split in enumerate(results.splits, start=1):
+            recs = sorted((r for r in results.select(metric=metric, split=split, category="all") if r.proxy in x_of),
+                          key=lambda r: x_of[r.proxy])
+            fig.add_trace(go.Scatter(
+                x=[x_of[r.proxy] for r in recs], y=[r.value for r in recs], error_y=_error_bars(recs),
+                mode="lines+markers", name=label, legendgroup=label, showlegend=(col == 1),
+                line={"color": PALETTE[i % len(PALETTE)]}, text=[r.proxy for r in recs],
+                hovertemplate=f"%{{text}}<br>EV on {reference} %{{x:.3f}}<br>{metric} on {split} %{{y:.4f}}<extra></extra>",
+            ), row=1, col=col)
+        fig.update_xaxes(title_text=f"explained variance on {reference}", row=1, col=1)
+    fig.update_yaxes(title_text=results.metric_info(metric).title, row=1, col=1)
+    fig.update_layout(height=420, template="plotly_white", legend_title_text="family",
+                      title=f"{results.metric_info(metric).title} per split against explained variance on {reference}: "
+                            "families compared at matched in-distribution fidelity")
+    return fig
+
+
 def accuracy_figure(results: Results, proxies: Sequence[str]) -> go.Figure:
     """Model accuracy and the accuracy of chosen proxies on every split (bars with 95% intervals)."""
     fig = go.Figure()

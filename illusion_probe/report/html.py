@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 from illusion_probe.artifacts import atomic_write_text
 from illusion_probe.errors import IllusionProbeError
-from illusion_probe.report.figures import accuracy_figure, category_figure, projection_figure, sweep_figure
+from illusion_probe.report.figures import (
+    accuracy_figure,
+    category_figure,
+    fidelity_figure,
+    projection_figure,
+    sweep_figure,
+)
 from illusion_probe.results import Gap, Results
 
 if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
@@ -115,8 +121,11 @@ def render_report(results: Results, title: str = "illusion-probe report", projec
     if not results.records:
         raise IllusionProbeError("cannot write a report from an empty results set; evaluate at least one proxy")
     featured = featured_proxies(results)
-    figures = [("Faithfulness against proxy size", sweep_figure(results)),
-               ("Accuracy per split", accuracy_figure(results, featured))]
+    figures = [("Faithfulness against proxy size", sweep_figure(results))]
+    matched = fidelity_figure(results)
+    if matched is not None:
+        figures.append(("Faithfulness at matched in-distribution fidelity", matched))
+    figures.append(("Accuracy per split", accuracy_figure(results, featured)))
     if projection is not None:
         figures.append(("Keys and queries of the analysed head", projection_figure(projection)))
     by_category = category_figure(results, featured)

@@ -166,6 +166,10 @@ FAULTS = [
     Fault("audit_rank_above_dimension", (*AUDIT, "--proxy", "pca:99@blocks.1.hook_resid_pre"), "rank 99 exceeds the feature dimension 32"),
     Fault("audit_unknown_method", (*AUDIT, "--proxy", "pcaa:2@blocks.1.hook_resid_pre"), "unknown simplifier 'pcaa'; did you mean 'pca'"),
     Fault("audit_spec_without_hook", (*AUDIT, "--proxy", "pca:2"), "write METHOD[:SIZES]@HOOKS"),
+    Fault("audit_external_sae_spec", (*AUDIT, "--proxy", "external_sae@blocks.1.hook_resid_pre"),
+          "external_sae cannot be built from a spec"),
+    Fault("audit_transcoder_not_at_mlp", (*AUDIT, "--proxy", "transcoder:8@blocks.1.hook_resid_pre"),
+          "replaces an MLP's output"),
     Fault("audit_window_above_context", (*AUDIT, *PCA, "--window", "64"), "does not fit the model's context of 32"),
 ]
 

@@ -41,6 +41,9 @@ def test_a_user_file_then_set_overrides_replace_single_settings(tmp_path) -> Non
         ("lr = 1\n", [], "'lr' must be a table"),
         ("", ["proxies.kq_pca_sizes=[-1, 2]"], "proxies.kq_pca_sizes must be distinct positive integers"),
         ("", ["proxies.kmeans_sizes=[0, 4]"], "proxies.kmeans_sizes must be distinct positive integers"),
+        ("", ["proxies.sae_sizes=[8, 8]"], "proxies.sae_sizes must be distinct positive integers"),
+        ("", ["proxies.dictionary_k=16"], "proxies.dictionary_k=16 exceeds the narrowest dictionary (d_sae=8)"),
+        ("", ["proxies.dictionary_epochs=0"], "proxies.dictionary_epochs must be >= 1"),
         ("", ["evaluation.ablation=median"], "evaluation.ablation must be one of"),
         ("", ["evaluation.n_boot=-5"], "evaluation.n_boot must be >= 0"),
         ("", ["evaluation.batch_size=0"], "evaluation.batch_size must be >= 1"),
@@ -78,4 +81,7 @@ def test_cross_field_checks_need_only_the_model_shape(tmp_path) -> None:
         ip.pipeline.prepare(study, tmp_path / "o", device="cpu")
     study = load_study("dyck", "tiny", None, ["proxies.layers=[5]"])
     with pytest.raises(ip.IllusionProbeError, match="proxies.layers has 5, outside a 2-layer model"):
+        ip.pipeline.prepare(study, tmp_path / "o", device="cpu")
+    study = load_study("dyck", "tiny", None, ["model.attn_only=true"])
+    with pytest.raises(ip.IllusionProbeError, match="model.attn_only = true leaves no MLP to replace"):
         ip.pipeline.prepare(study, tmp_path / "o", device="cpu")

@@ -104,3 +104,24 @@ def test_report_is_self_contained(tmp_path) -> None:
 def test_report_module_does_not_import_torch() -> None:
     code = "import sys, illusion_probe.report.html, illusion_probe.results; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_fidelity_figure_places_each_proxy_at_its_mean_in_distribution_explained_variance() -> None:
+    from illusion_probe.report.figures import fidelity_figure
+
+    base = _results()
+    assert fidelity_figure(base) is None  # no explained variance: nothing to match on
+    extra = []
+    for split, role in [("train", "train"), ("test", "id"), ("ood_deeper", "ood")]:
+        for size in (1, 2, 4):
+            for hook, offset in (("h.k", 0.0), ("h.q", 0.1)):  # two hooks: x is their mean
+                value = 0.2 * size + offset + (0.3 if split != "test" else 0.0)
+                extra.append(Record(split=split, role=role, proxy=f"pca({size})@h", method="pca", size=size,
+                                    category="all", metric="explained_variance", value=value, ci_low=value,
+                                    ci_high=value, n_positions=100, n_sequences=10, hooks="h", hook=hook))
+    figure = fidelity_figure(Results(records=[*base.records, *extra], gaps=base.gaps, metrics=base.metrics, meta={}))
+    assert figure is not None
+    assert [trace.name for trace in figure.data] == ["pca @ h"] * 3  # one family, one panel per split
+    for trace in figure.data:
+        assert list(trace.x) == pytest.approx([0.25, 0.45, 0.85])  # test-split EV, averaged over k and q
+    assert list(figure.data[2].y) == pytest.approx([0.53, 0.56, 0.62])  # agreement on ood_deeper
