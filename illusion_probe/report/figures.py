@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from illusion_probe.analysis.matched import family_fidelity
 from illusion_probe.results import Record, Results
 
 if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
@@ -92,14 +93,8 @@ def fidelity_figure(results: Results, metric: str = "agreement") -> go.Figure | 
     if not in_distribution:
         return None
     reference = in_distribution[0]
-    fidelity: dict[tuple[str, str], dict[str, float]] = {}
-    for group in sweep_groups(results):
-        by_proxy: dict[str, list[float]] = {}
-        for r in results.select(metric="explained_variance", split=reference, method=group[0], category="all"):
-            if r.hooks == group[1] and _finite(r.value):
-                by_proxy.setdefault(r.proxy, []).append(r.value)
-        if len(by_proxy) > 1:
-            fidelity[group] = {proxy: sum(values) / len(values) for proxy, values in by_proxy.items()}
+    fidelity = {group: found for group in sweep_groups(results)
+                if len(found := family_fidelity(results, *group, id_split=reference)) > 1}
     if not fidelity:
         return None
     fig = make_subplots(rows=1, cols=len(results.splits), column_titles=list(results.splits), shared_yaxes=True,
