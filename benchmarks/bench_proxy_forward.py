@@ -20,7 +20,7 @@ import time
 import torch
 
 import illusion_probe as ip
-from illusion_probe.models import model_backend
+from illusion_probe.backends import Backend
 
 HOOK = "blocks.2.hook_resid_pre"
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = torch.randint(0, 64, (args.batch, args.pos), generator=generator)
     proxies = {s.describe(): ip.fit_proxy(model, {HOOK: s}, train, batch_size=16)
                for s in (ip.PCA(16), ip.PCA(256), ip.PCA(512), ip.KMeans(64), ip.SAE(4 * 512, k=32, epochs=1))}
-    print(f"backend {model_backend(model)}, "
+    print(f"backend {Backend.of(model).describe()}, "
           f"batch {args.batch} x {args.pos}, threads {torch.get_num_threads()}")
     print("| proxy at " + HOOK + " | clean s | proxy s | ratio |")
     print("|---|---|---|---|")

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -175,11 +176,7 @@ class SparseDictionary(SampledSimplifier):
     # -- application --------------------------------------------------------------------
     def encode(self, x: Float[Tensor, "n group d_in"]) -> Float[Tensor, "n group d_sae"]:
         """The sparse latents of inputs ``x`` (in the fitted layout), in ``x``'s dtype."""
-        d = self.derived(x)
-        scaled = (x * d["scale_in"]).transpose(0, 1)  # [group, n, d_in]
-        if self.centre_input:
-            scaled = scaled - d["b_dec"].unsqueeze(1)
-        return self._codes(torch.baddbmm(d["b_enc"].unsqueeze(1), scaled, d["W_enc"])).transpose(0, 1)
+        return self._codes(self._pre_activations(x)).transpose(0, 1)
 
     def decode(self, codes: Float[Tensor, "n group d_sae"]) -> Float[Tensor, "n group d_out"]:
         """The reconstruction from latents ``codes``, in the targets' units."""
@@ -188,18 +185,37 @@ class SparseDictionary(SampledSimplifier):
         return (decoded / d["scale_out"].unsqueeze(1)).transpose(0, 1)
 
     def apply(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        """``decode(encode(x))``; a TopK dictionary sums only the ``k`` decoder rows each sample keeps."""
+        if self.architecture != "topk":
+            return self.decode(self.encode(x))
+        d = self.derived(x)
+        top = self._pre_activations(x).topk(self.k, dim=-1)  # [group, n, k]
+        decoded = torch.stack([F.embedding_bag(top.indices[g], d["W_dec"][g], per_sample_weights=top.values[g].relu(),
+                                               mode="sum") for g in range(len(top.indices))])
+        return ((decoded + d["b_dec"].unsqueeze(1)) / d["scale_out"].unsqueeze(1)).transpose(0, 1)
 
-    def latents(self, source: Float[Tensor, "*samples feature"]) -> Float[Tensor, "*samples group d_sae"]:
-        """The latents of a whole activation ``source``: the hook's own (SAE) or the MLP input (transcoder)."""
+    def _pre_activations(self, x: Tensor) -> Tensor:
+        """``[group, n, d_sae]`` pre-activations of inputs ``x`` ``[n, group, d_in]``."""
+        d = self.derived(x)
+        scaled = (x * d["scale_in"]).transpose(0, 1)  # [group, n, d_in]
+        if self.centre_input:
+            scaled = scaled - d["b_dec"].unsqueeze(1)
+        return torch.baddbmm(d["b_enc"].unsqueeze(1), scaled, d["W_enc"])
+
+    def fitted_inputs(self, source: Float[Tensor, "*samples feature"]) -> Float[Tensor, "n group d_in"]:
+        """A whole activation the dictionary reads (the hook's own, or a transcoder's MLP input) in the fitted
+        ``[n, group, d_in]`` layout; one-line error if its shape does not fit."""
         require(self.is_fitted, f"{self.describe()}: not fitted; call fit() or fit_proxy() first")
         grouped = self._grouped(source)
         fitted = tuple(self.W_enc.shape[:2])
         require(tuple(grouped.shape[-2:]) == fitted, f"{self.describe()}: input has (group, feature) "
                 f"{tuple(grouped.shape[-2:])}, fitted on {fitted}; apply it at the hook it was fitted on")
-        codes = self.encode(grouped.reshape(-1, *fitted))
-        return codes.reshape(*grouped.shape[:-2], *codes.shape[1:])
+        return grouped.reshape(-1, *fitted)
 
+    def latents(self, source: Float[Tensor, "*samples feature"]) -> Float[Tensor, "*samples group d_sae"]:
+        """The latents of a whole activation ``source``: the hook's own (SAE) or the MLP input (transcoder)."""
+        codes = self.encode(self.fitted_inputs(source))
+        return codes.reshape(*self._grouped(source).shape[:-2], *codes.shape[1:])
 
 def _unit_scale(x: Tensor) -> Tensor:
     """The factor that makes the mean squared norm of the rows of ``x`` equal to its width."""

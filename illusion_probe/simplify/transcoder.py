@@ -101,7 +101,7 @@ class Transcoder(SparseDictionary):
 
     # -- application ------------------------------------------------------------------
     def replace(self, source: Tensor, act: Tensor, hook: Any = None) -> Tensor:
-        out = self.decode(self.latents(source).flatten(0, -3))
+        out = self.apply(self.fitted_inputs(source))
         require(out.numel() == act.numel(), f"{self.describe()}: output width {out.shape[-1]} does "
                 f"not match the activation {tuple(act.shape)}; apply it at the hook it was fitted on")
         return out.reshape(act.shape)
