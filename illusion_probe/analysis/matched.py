@@ -61,8 +61,9 @@ def matched_gaps(results: Results, family: tuple[str, str], reference: tuple[str
 
     Args:
         results: evaluated results holding both families, their fidelities and their gaps.
-        family, reference: ``(method, hooks)`` of the compared and the reference family, as in the
-            records (e.g. ``("sae", "blocks.1.hook_resid_pre")``).
+        family: ``(method, hooks)`` of the compared family, as in the records (e.g.
+            ``("sae", "blocks.1.hook_resid_pre")``).
+        reference: ``(method, hooks)`` of the reference family (e.g. ``("pca", "blocks.1.hook_resid_pre")``).
         metric: the gapped metric.
         id_split: the in-distribution split gaps are taken from and fidelity is measured on.
         fidelity_metric: the fidelity measure (a hook metric such as ``explained_variance``).
