@@ -16,7 +16,7 @@ TIMEOUT_S = 600
 
 def test_every_example_is_listed() -> None:
     assert EXAMPLES == ["01_quickstart_dyck.py", "02_audit_any_hooked_model.py", "03_code_completion.py",
-                        "04_custom_simplifier.py", "05_audit_your_model.py"]
+                        "04_custom_simplifier.py", "05_audit_your_model.py", "06_sparse_dictionaries.py"]
 
 
 @pytest.mark.parametrize("script", EXAMPLES)
