@@ -179,7 +179,8 @@ def audit(config: AuditConfig, out: str | os.PathLike, device: str = "auto", pro
     settings = config.evaluation
     evaluated = SplitSet([split.head(config.max_sequences) for split in splits.values()])
     results = evaluate(model, proxies, evaluated, batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
-                       n_boot=settings.n_boot, ablation=settings.ablation, progress=progress)
+                       n_boot=settings.n_boot, ablation=settings.ablation, progress=progress,
+                       difficulty_bins=settings.difficulty_bins if evaluated.by_role("id") else 0)  # no gaps without id
     results = results.with_meta(audit=dataclasses.asdict(config), model=config.model,
                                 evaluate_seconds=round(time.perf_counter() - tick, 2),
                                 text={s.name: s.meta for s in splits.values()})

@@ -30,11 +30,11 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from illusion_probe import stats
+from illusion_probe import difficulty, stats
 from illusion_probe.backends import Backend
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import first_layer, is_after_blocks, is_attention_pattern, resid_pre
-from illusion_probe.metrics import AnyMetric, HookMetric, Metric, Predictions, Scored, resolve_metrics
+from illusion_probe.metrics import AnyMetric, HookMetric, Metric, PositionMean, Predictions, Scored, resolve_metrics
 from illusion_probe.provenance import provenance
 from illusion_probe.results import Gap, MetricInfo, Record, Results
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
@@ -160,6 +160,7 @@ def evaluate(
     seed: int = 0,
     ablation: str = "mean",
     ablation_sequences: int = 1000,
+    difficulty_bins: int = 0,
     progress: bool = True,
 ) -> Results:
     """Score every proxy against the model on every split.
@@ -182,6 +183,9 @@ def evaluate(
         seed: seed of the bootstrap resamples (split ``i`` uses ``seed + i``).
         ablation: ``"mean"`` (fit on the train split) or ``"zero"``: the baseline of ``ce_score``.
         ablation_sequences: train sequences the mean ablation is fit on.
+        difficulty_bins: when positive, bin scored positions by the clean model's confidence (quantiles on
+            the first ``id`` split) and add each mean-over-positions metric's ``difficulty_matched`` value
+            per split (see :mod:`illusion_probe.difficulty`); costs one clean pass per split.
         progress: show a progress bar.
 
     Returns:
@@ -199,6 +203,11 @@ def evaluate(
     require(chunk_size is None or (isinstance(chunk_size, int) and chunk_size > 0),
             f"evaluate: chunk_size must be a positive integer or None, got {chunk_size!r}")
     chunk = chunk_size or max(1, CHUNK_BYTES // (4 * backend.d_vocab_out))
+    require(isinstance(difficulty_bins, int) and not isinstance(difficulty_bins, bool) and difficulty_bins >= 0,
+            f"evaluate: difficulty_bins must be a non-negative integer, got {difficulty_bins!r}")
+    reference = next((s.name for s in splits.values() if s.role == "id"), None)
+    require(not difficulty_bins or reference is not None, "evaluate: difficulty_bins matches every split to the "
+            "confidence on an in-distribution split, and there is none; give a split with role 'id' or pass 0")
     plan = _plan(backend, proxies, splits, task, metrics, answer_ids, ablation, ablation_sequences)
     records: list[Record] = []
     samples: dict[tuple[str, str, str, str, str], np.ndarray] = {}
@@ -208,6 +217,10 @@ def evaluate(
     bar = tqdm(total=sum(len(s) for s in splits.values()), desc="evaluate", unit="seq", disable=not progress)
     try:
         with torch.no_grad():
+            if difficulty_bins:
+                confidences = {s.name: difficulty.model_confidence(backend, s, plan.answer_ids, batch_size, chunk)
+                               for s in splits.values()}
+                splits = difficulty.with_confidence_bins(splits, confidences, reference, difficulty_bins)
             sums = _Sums(max(len(split) for split in splits.values()))
             for index, split in enumerate(splits.values()):
                 sums.reset()
@@ -217,11 +230,15 @@ def evaluate(
     finally:
         bar.close()
         model.train(was_training)
+    if difficulty_bins:
+        means = [m.name for m in plan.position_metrics if isinstance(m, PositionMean)]
+        records += difficulty.matched_records(records, samples, reference, means)
     infos = [MetricInfo(m.name, m.label, m.higher_is_better, "positions" if isinstance(m, Metric) else "hooks")
              for m in [*plan.position_metrics, *plan.hook_metrics]]
     return Results(records=records, gaps=_gaps(records, samples), metrics=infos, meta={
         "evaluation": {"batch_size": batch_size, "batch_tokens": batch_tokens, "chunk_size": chunk, "n_boot": n_boot, "seed": seed,
                        "ablation": ablation, "ablation_sequences": ablation_sequences,
+                       "difficulty_bins": difficulty_bins, "difficulty_reference": reference if difficulty_bins else None,
                        "resumed_at": dict(plan.resume),
                        "baseline_shared_with": {"+".join(sorted(h)): twin for h, twin in plan.baseline_twin.items()
                                                 if twin is not None}},

@@ -262,7 +262,8 @@ def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], 
     config = run.study.evaluation
     tick = time.perf_counter()
     results = evaluate(model, proxies, _evaluation_splits(run), run.task, batch_size=config.batch_size,
-                       batch_tokens=config.batch_tokens, n_boot=config.n_boot, seed=run.seed, ablation=config.ablation)
+                       batch_tokens=config.batch_tokens, n_boot=config.n_boot, seed=run.seed, ablation=config.ablation,
+                       difficulty_bins=config.difficulty_bins)
     results = results.with_meta(fingerprint=run.stamps["evaluate"], study=run.study.to_dict(), seed=run.seed,
                                 train_seconds=train_info.get("train_seconds"),
                                 evaluate_seconds=round(time.perf_counter() - tick, 2))

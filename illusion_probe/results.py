@@ -25,6 +25,8 @@ SCHEMA = "illusion-probe/results"
 SCHEMA_VERSION = 2
 AGREEMENT_TARGET = 0.99
 
+#: The category of difficulty-matched records (:mod:`illusion_probe.difficulty`).
+MATCHED = "difficulty_matched"
 
 @dataclass(frozen=True)
 class Record:

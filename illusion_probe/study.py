@@ -85,6 +85,8 @@ class EvaluationConfig:
         batch_size: sequences per evaluation forward pass at most.
         batch_tokens: positions per evaluation forward pass at most (long sequences come in smaller batches).
         ablation: baseline of the CE score: ``mean`` or ``zero``.
+        difficulty_bins: confidence bins of the difficulty-matched metrics (0: none); see
+            :mod:`illusion_probe.difficulty`.
     """
 
     max_sequences: int = 2000
@@ -92,6 +94,7 @@ class EvaluationConfig:
     batch_size: int = 64
     batch_tokens: int = 4096
     ablation: str = "mean"
+    difficulty_bins: int = 5
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -100,6 +103,7 @@ class EvaluationConfig:
         require(self.batch_size >= 1, f"evaluation.batch_size must be >= 1, got {self.batch_size}")
         require(self.batch_tokens >= 1, f"evaluation.batch_tokens must be >= 1, got {self.batch_tokens}")
         require(self.ablation in ABLATIONS, f"evaluation.ablation must be one of {ABLATIONS}, got {self.ablation!r}")
+        require(self.difficulty_bins >= 0, f"evaluation.difficulty_bins must be >= 0, got {self.difficulty_bins}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from illusion_probe.report.figures import (
     projection_figure,
     sweep_figure,
 )
-from illusion_probe.results import Gap, Results
+from illusion_probe.results import MATCHED, Gap, Results
 
 if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
     from illusion_probe.analysis.projection import Projection
@@ -80,20 +80,32 @@ def _direction(results: Results, gap: Gap) -> str:
     return "worse" if (gap.ci_low > 0) == higher_is_better else "better"
 
 
+def _gap_cell(results: Results, gap: Gap | None) -> list[str]:
+    """A gap's value (coloured by what its interval says) and its interval, as two cells."""
+    if gap is None:
+        return ["–", "–"]
+    direction = _direction(results, gap)
+    value = f"<span class='{direction}'>{_fmt(gap.value)}</span>" if direction else _fmt(gap.value)
+    return [value, f"[{_fmt(gap.ci_low)}, {_fmt(gap.ci_high)}]"]
+
+
 def _gap_section(results: Results, proxies: list[str]) -> str:
+    matched = {(g.proxy, g.metric, g.id_split, g.ood_split): g for g in results.gaps if g.category == MATCHED}
     rows = []
     for gap in results.gaps:
         if gap.proxy in proxies and gap.category == "all" and results.metric_info(gap.metric).higher_is_better is not None:
-            direction = _direction(results, gap)
-            value = f"<span class='{direction}'>{_fmt(gap.value)}</span>" if direction else _fmt(gap.value)
+            twin = matched.get((gap.proxy, gap.metric, gap.id_split, gap.ood_split))
             rows.append([html.escape(gap.proxy), html.escape(results.metric_info(gap.metric).title),
-                         html.escape(gap.hook), f"{gap.id_split} − {gap.ood_split}", value,
-                         f"[{_fmt(gap.ci_low)}, {_fmt(gap.ci_high)}]"])
+                         html.escape(gap.hook), f"{gap.id_split} − {gap.ood_split}", *_gap_cell(results, gap),
+                         *_gap_cell(results, twin)])
     if not rows:
         return "<p class='note'>No in-distribution and OOD split pair to compare.</p>"
     note = ("<p class='note'>Gap = ID value − OOD value. Red: the 95% interval says the proxy is less faithful out of "
-            "distribution (for KL, where lower is better, that is a negative gap); green: more faithful.</p>")
-    return note + _table(["proxy", "metric", "hook", "splits", "gap", "95% interval"], rows)
+            "distribution (for KL, where lower is better, that is a negative gap); green: more faithful. "
+            "Difficulty-matched: the OOD split reweighted to the in-distribution mix of the model's confidence "
+            "(docs/concepts.md).</p>")
+    return note + _table(["proxy", "metric", "hook", "splits", "gap", "95% interval", "difficulty-matched gap",
+                          "95% interval"], rows)
 
 
 def _metrics_section(results: Results, proxies: list[str]) -> str:

@@ -282,6 +282,16 @@ class SplitSet(Mapping[str, Split]):
         """The longest sequence in any split."""
         return max(int(s.lengths.max()) for s in self._splits.values())
 
+    def with_trained_length_label(self, train: str = "train") -> SplitSet:
+        """Every split with a boolean label ``beyond_trained_length``: positions at or past the longest sequence
+        of split ``train``. A model with learned absolute positions never got a gradient for their embeddings."""
+        longest = int(self[train].lengths.max())
+        labelled = []
+        for split in self._splits.values():
+            beyond = (torch.arange(split.tokens.shape[1]) >= longest).expand_as(split.tokens)
+            labelled.append(dataclasses.replace(split, labels={**split.labels, "beyond_trained_length": beyond.clone()}))
+        return SplitSet(labelled)
+
 
 class Task(ABC):
     """A sequence task: vocabulary, model sizes, scored positions and split generation.

@@ -13,6 +13,10 @@ Splits (every sequence unique within and across splits; lengths count the BOS to
   keeping only sequences deeper than ``m``.
 
 Neither OOD length nor depth split contains a held-out skeleton, so each shifts one factor.
+
+Per-position labels: ``depth`` and ``match_pos`` (integers), and the position categories
+``deeper_than_trained`` (the bracket closed next is nested deeper than ``m``) and
+``beyond_trained_length`` (at or past the longest ``train`` sequence).
 """
 
 from __future__ import annotations
@@ -204,7 +208,7 @@ class DyckTask(Task):
         for index, recipe in enumerate(recipes):
             generator = torch.Generator().manual_seed(_split_seed(seed, index))
             splits.append(self._build_split(recipe, self._draw(recipe, generator, seen)))
-        return SplitSet(splits)
+        return SplitSet(splits).with_trained_length_label("train")
 
     def _draw(self, recipe: _SplitRecipe, generator: torch.Generator, seen: set[bytes]) -> Tensor:
         """``[n, max_len]`` unique sequences meeting ``recipe.keep``; adds them to ``seen``."""
@@ -248,7 +252,8 @@ class DyckTask(Task):
             held = {s for row in tokens.tolist() for s in _skeletons(row, k) if self.is_held_out(s)}
             meta["held_out_skeletons_seen"] = len(held)
         split = Split(name=recipe.name, role=recipe.role, tokens=tokens, eval_mask=eval_mask, targets=targets,
-                      real_mask=real, labels={"depth": depth.to(torch.int16), "match_pos": match_pos.to(torch.int16)},
+                      real_mask=real, labels={"depth": depth.to(torch.int16), "match_pos": match_pos.to(torch.int16),
+                                              "deeper_than_trained": depth > self.config.m},
                       meta=meta)
         return split.select(slice(None))  # trim all-pad columns
 

@@ -45,6 +45,7 @@ def test_a_user_file_then_set_overrides_replace_single_settings(tmp_path) -> Non
         ("", ["proxies.dictionary_k=16"], "proxies.dictionary_k=16 exceeds the narrowest dictionary (d_sae=8)"),
         ("", ["proxies.dictionary_epochs=0"], "proxies.dictionary_epochs must be >= 1"),
         ("", ["evaluation.ablation=median"], "evaluation.ablation must be one of"),
+        ("", ["evaluation.difficulty_bins=-1"], "evaluation.difficulty_bins must be >= 0"),
         ("", ["evaluation.n_boot=-5"], "evaluation.n_boot must be >= 0"),
         ("", ["evaluation.batch_size=0"], "evaluation.batch_size must be >= 1"),
         ("", ["evaluation.max_sequences=0"], "evaluation.max_sequences must be >= 1"),

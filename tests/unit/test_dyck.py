@@ -103,6 +103,19 @@ def test_splits_match_the_stack_reference(small_splits) -> None:
     check_splits(*small_splits)
 
 
+def test_position_categories_mark_untrained_depths_and_positions(small_splits) -> None:
+    task, splits = small_splits
+    longest = int(splits["train"].lengths.max())
+    for split in splits.values():
+        deeper, beyond = split.labels["deeper_than_trained"], split.labels["beyond_trained_length"]
+        assert deeper.dtype == torch.bool and beyond.dtype == torch.bool
+        assert torch.equal(deeper, split.labels["depth"] > task.config.m)
+        assert torch.equal(beyond[0], torch.arange(split.tokens.shape[1]) >= longest)
+        scored_deeper = (deeper & split.eval_mask).any()
+        assert bool(scored_deeper) == (split.name == "ood_deeper")
+        assert bool((beyond & split.eval_mask).any()) == (split.name == "ood_longer")
+
+
 def test_labels_follow_the_documented_conventions() -> None:
     task = DyckTask(SMALL)
     tokens = task.encode("BOS (0 (1 )1 (2 )2 )0 (1 )1 PAD").unsqueeze(0)
