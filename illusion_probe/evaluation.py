@@ -525,5 +525,5 @@ def _gaps(records: list[Record], samples: dict[tuple[str, str, str, str, str], n
             low, high = stats.interval(diff)
             gaps.append(Gap(proxy=proxy, method=rec.method, size=rec.size, category=category, metric=metric,
                             id_split=split, ood_split=ood, value=rec.value - other.value, ci_low=low, ci_high=high,
-                            hook=hook))
+                            hook=hook, p_value=stats.bootstrap_p_value(diff)))
     return gaps

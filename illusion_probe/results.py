@@ -22,7 +22,7 @@ from illusion_probe.artifacts import atomic_write_text, read_json, write_json
 from illusion_probe.errors import ArtifactError, IllusionProbeError
 
 SCHEMA = "illusion-probe/results"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 AGREEMENT_TARGET = 0.99
 
 #: The category of difficulty-matched records (:mod:`illusion_probe.difficulty`).
@@ -66,7 +66,8 @@ class Record:
 
 @dataclass(frozen=True)
 class Gap:
-    """metric(id_split) - metric(ood_split) for one proxy (and hook, for hook metrics), with a bootstrap interval."""
+    """metric(id_split) - metric(ood_split) for one proxy (and hook, for hook metrics), with a bootstrap interval
+    and a two-sided bootstrap p-value for "no gap" (``p_value``, uncorrected; see ``stats.bootstrap_p_value``)."""
 
     proxy: str
     method: str
@@ -79,6 +80,7 @@ class Gap:
     ci_low: float
     ci_high: float
     hook: str = ""
+    p_value: float = float("nan")
 
 
 @dataclass(frozen=True)

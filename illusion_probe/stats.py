@@ -10,7 +10,7 @@ between positions of one sequence.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,3 +93,34 @@ def interval(samples: np.ndarray) -> tuple[float, float]:
     tail = (1.0 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided bootstrap p-value for "the difference is 0", from its resampled values.
+
+    ``2 * (min(#(d <= 0), #(d >= 0)) + 1) / (n + 1)``, at most 1, over the finite resamples (NaN when
+    there are none); the ``+ 1`` keeps it above zero, so the smallest value is ``2 / (n + 1)``.
+    """
+    finite = differences[np.isfinite(differences)]
+    if finite.size == 0:
+        return float("nan")
+    tail = min(int((finite <= 0).sum()), int((finite >= 0).sum()))
+    return min(1.0, 2.0 * (tail + 1) / (finite.size + 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values over the family ``p_values`` (NaN entries are not in the family and stay NaN).
+
+    The ``i``-th smallest of ``m`` p-values is multiplied by ``m - i`` (``i`` from 0), then made
+    non-decreasing in that order and capped at 1; rejecting where the adjusted value is below ``alpha``
+    controls the family-wise error rate at ``alpha``.
+    """
+    values = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(values.shape, np.nan)
+    present = np.flatnonzero(np.isfinite(values))
+    order = present[np.argsort(values[present], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()

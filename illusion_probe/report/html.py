@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from illusion_probe import stats
 from illusion_probe.artifacts import atomic_write_text
 from illusion_probe.errors import IllusionProbeError
 from illusion_probe.report.figures import (
@@ -23,6 +24,9 @@ from illusion_probe.report.figures import (
     sweep_figure,
 )
 from illusion_probe.results import MATCHED, Gap, Results
+
+#: Significance level of the report's marked cells (after the stated correction).
+ALPHA = 0.05
 
 if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
     from illusion_probe.analysis.projection import Projection
@@ -72,38 +76,41 @@ def _headline_section(results: Results) -> str:
     return _table(["method", "hooks", "smallest size with ≥99% test agreement", "test agreement", *ood], rows)
 
 
-def _direction(results: Results, gap: Gap) -> str:
-    """``worse`` / ``better`` when the interval says the proxy is less / more faithful out of distribution."""
+def _direction(results: Results, gap: Gap, adjusted_p: float) -> str:
+    """``worse`` / ``better`` when the gap is significant after correction (``adjusted_p`` < ``ALPHA``) and says the
+    proxy is less / more faithful out of distribution."""
     higher_is_better = results.metric_info(gap.metric).higher_is_better
-    if higher_is_better is None or not (math.isfinite(gap.ci_low) and (gap.ci_low > 0 or gap.ci_high < 0)):
+    if higher_is_better is None or not (math.isfinite(adjusted_p) and adjusted_p < ALPHA) or gap.value == 0:
         return ""
-    return "worse" if (gap.ci_low > 0) == higher_is_better else "better"
+    return "worse" if (gap.value > 0) == higher_is_better else "better"
 
 
-def _gap_cell(results: Results, gap: Gap | None) -> list[str]:
-    """A gap's value (coloured by what its interval says) and its interval, as two cells."""
+def _gap_cell(results: Results, gap: Gap | None, adjusted: dict[int, float]) -> list[str]:
+    """A gap's value (coloured when significant after correction) and its interval, as two cells."""
     if gap is None:
         return ["–", "–"]
-    direction = _direction(results, gap)
+    direction = _direction(results, gap, adjusted[id(gap)])
     value = f"<span class='{direction}'>{_fmt(gap.value)}</span>" if direction else _fmt(gap.value)
     return [value, f"[{_fmt(gap.ci_low)}, {_fmt(gap.ci_high)}]"]
 
 
 def _gap_section(results: Results, proxies: list[str]) -> str:
     matched = {(g.proxy, g.metric, g.id_split, g.ood_split): g for g in results.gaps if g.category == MATCHED}
-    rows = []
-    for gap in results.gaps:
-        if gap.proxy in proxies and gap.category == "all" and results.metric_info(gap.metric).higher_is_better is not None:
-            twin = matched.get((gap.proxy, gap.metric, gap.id_split, gap.ood_split))
-            rows.append([html.escape(gap.proxy), html.escape(results.metric_info(gap.metric).title),
-                         html.escape(gap.hook), f"{gap.id_split} − {gap.ood_split}", *_gap_cell(results, gap),
-                         *_gap_cell(results, twin)])
-    if not rows:
+    pairs = [(gap, matched.get((gap.proxy, gap.metric, gap.id_split, gap.ood_split))) for gap in results.gaps
+             if gap.proxy in proxies and gap.category == "all" and results.metric_info(gap.metric).higher_is_better
+             is not None]
+    if not pairs:
         return "<p class='note'>No in-distribution and OOD split pair to compare.</p>"
-    note = ("<p class='note'>Gap = ID value − OOD value. Red: the 95% interval says the proxy is less faithful out of "
-            "distribution (for KL, where lower is better, that is a negative gap); green: more faithful. "
-            "Difficulty-matched: the OOD split reweighted to the in-distribution mix of the model's confidence "
-            "(docs/concepts.md).</p>")
+    family = [g for pair in pairs for g in pair if g is not None]  # every cell this table can mark
+    adjusted = dict(zip(map(id, family), stats.holm([g.p_value for g in family]), strict=True))
+    rows = [[html.escape(gap.proxy), html.escape(results.metric_info(gap.metric).title), html.escape(gap.hook),
+             f"{gap.id_split} − {gap.ood_split}", *_gap_cell(results, gap, adjusted), *_gap_cell(results, twin, adjusted)]
+            for gap, twin in pairs]
+    note = ("<p class='note'>Gap = ID value − OOD value. Red: the proxy is less faithful out of distribution (for KL, "
+            "where lower is better, that is a negative gap); green: more faithful; coloured only where the gap is "
+            f"significant at {ALPHA:g} after a Holm correction across the {len(family)} gaps of this table (two-sided "
+            "bootstrap p-values). Difficulty-matched: the OOD split reweighted to the in-distribution mix of the "
+            "model's confidence (docs/concepts.md).</p>")
     return note + _table(["proxy", "metric", "hook", "splits", "gap", "95% interval", "difficulty-matched gap",
                           "95% interval"], rows)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -51,12 +52,12 @@ PROJECTION = Projection(layer=1, head=0, meta={}, panels=(
 def test_json_round_trip_is_lossless(tmp_path) -> None:
     results = _results()
     loaded = Results.from_json(results.to_json(tmp_path / "r.json"))
-    assert len(loaded.records) == len(results.records)
-    for a, b in zip(results.records, loaded.records, strict=True):
+    assert len(loaded.records) == len(results.records) and len(loaded.gaps) == len(results.gaps)
+    for a, b in [*zip(results.records, loaded.records, strict=True), *zip(results.gaps, loaded.gaps, strict=True)]:
         for field in a.__dataclass_fields__:
             x, y = getattr(a, field), getattr(b, field)
             assert (isinstance(x, float) and math.isnan(x) and math.isnan(y)) or x == y
-    assert loaded.gaps == results.gaps and loaded.meta == results.meta and loaded.metrics == results.metrics
+    assert loaded.meta == results.meta and loaded.metrics == results.metrics
 
 
 def test_other_schema_version_refused(tmp_path) -> None:
@@ -125,3 +126,13 @@ def test_fidelity_figure_places_each_proxy_at_its_mean_in_distribution_explained
     for trace in figure.data:
         assert list(trace.x) == pytest.approx([0.25, 0.45, 0.85])  # test-split EV, averaged over k and q
     assert list(figure.data[2].y) == pytest.approx([0.53, 0.56, 0.62])  # agreement on ood_deeper
+
+
+def test_gap_cells_are_marked_only_when_significant_after_holm() -> None:
+    base = _results()
+    p_values = (0.001, 0.03, 0.04)  # each below 0.05 alone; Holm over 3: 0.003, 0.06, 0.06
+    gaps = [dataclasses.replace(base.gaps[0], ood_split=f"ood_{i}", p_value=p) for i, p in enumerate(p_values)]
+    records = [*base.records, *(dataclasses.replace(r, split=f"ood_{i}") for i in range(len(p_values))
+                                for r in base.records if r.split == "ood_deeper")]
+    page = render_report(Results(records=records, gaps=gaps, metrics=base.metrics, meta={}))
+    assert page.count("<span class='worse'>") == 1 and "Holm correction across the 3 gaps" in page

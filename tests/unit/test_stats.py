@@ -91,3 +91,22 @@ def test_resampled_equals_one_product_per_column() -> None:
     est, boot = resampled.estimate(_ratio, {"num": "num", "den": ("a", "tuple", "key")})
     assert est.value == pytest.approx(sums["num"].sum() / sums["den"].sum())
     np.testing.assert_allclose(boot, (weights @ sums["num"]) / (weights @ sums["den"]))
+
+
+def test_bootstrap_p_value_is_two_sided_and_never_zero() -> None:
+    from illusion_probe.stats import bootstrap_p_value
+
+    assert bootstrap_p_value(np.arange(1.0, 100.0)) == pytest.approx(2 / 100)  # all 99 resamples above 0
+    assert bootstrap_p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(2 * 2 / 5)
+    assert bootstrap_p_value(np.array([-3.0, -2.0, 1.0, np.nan])) == pytest.approx(2 * 2 / 4)
+    assert bootstrap_p_value(np.linspace(-1, 1, 11)) == 1.0
+    assert np.isnan(bootstrap_p_value(np.array([np.nan])))
+
+
+def test_holm_matches_the_step_down_definition() -> None:
+    from illusion_probe.stats import holm
+
+    adjusted = holm([0.01, 0.04, 0.03, float("nan"), 0.5])
+    # family of 4: 0.01*4 = 0.04; 0.03*3 = 0.09; 0.04*2 = 0.08 -> raised to 0.09 (monotone); 0.5*1 = 0.5
+    assert adjusted[0] == pytest.approx(0.04) and adjusted[2] == pytest.approx(0.09)
+    assert adjusted[1] == pytest.approx(0.09) and adjusted[4] == pytest.approx(0.5) and np.isnan(adjusted[3])
