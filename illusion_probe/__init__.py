@@ -55,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "SAE": "illusion_probe.simplify.sae",
     "Transcoder": "illusion_probe.simplify.transcoder",
     "ExternalSAE": "illusion_probe.simplify.external",
+    "RandomSubspace": "illusion_probe.simplify.random_baselines",
+    "RandomCentroids": "illusion_probe.simplify.random_baselines",
     "SparseDictionary": "illusion_probe.simplify.dictionary",
     "fit_proxy": "illusion_probe.simplify.fitting",
     "fit_proxies": "illusion_probe.simplify.fitting",
@@ -122,6 +124,7 @@ if TYPE_CHECKING:
     from illusion_probe.simplify.kmeans import KMeans
     from illusion_probe.simplify.pca import PCA, SVD
     from illusion_probe.simplify.proxy import Proxy
+    from illusion_probe.simplify.random_baselines import RandomCentroids, RandomSubspace
     from illusion_probe.simplify.reservoir import Reservoir, SampledSimplifier
     from illusion_probe.simplify.sae import SAE
     from illusion_probe.simplify.transcoder import Transcoder

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from illusion_probe import difficulty, stats
 from illusion_probe.backends import Backend
+from illusion_probe.controls import control_gaps, plan_controls
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import first_layer, is_after_blocks, is_attention_pattern, resid_pre
 from illusion_probe.metrics import AnyMetric, HookMetric, Metric, PositionMean, Predictions, Scored, resolve_metrics
@@ -138,6 +139,11 @@ class _Plan:
     resume: dict[str, int | None]  # proxy -> the block its pass starts at (None: a whole pass)
     baseline_resume: dict[frozenset[str], int | None]
     answer_ids: Tensor
+    scored_on: Mapping[str, frozenset[str]]  # proxy -> the splits it is scored on (absent: every split)
+
+    def scores(self, proxy: str, split: str) -> bool:
+        """Whether ``proxy`` is scored on ``split``."""
+        return split in self.scored_on.get(proxy, (split,))
 
     def clean_watched(self) -> set[tuple[str, str]]:
         """``(metric, hook)`` pairs whose clean activation some proxy compares with."""
@@ -161,6 +167,7 @@ def evaluate(
     ablation: str = "mean",
     ablation_sequences: int = 1000,
     difficulty_bins: int = 0,
+    controls: Sequence[str] = (),
     progress: bool = True,
 ) -> Results:
     """Score every proxy against the model on every split.
@@ -186,6 +193,10 @@ def evaluate(
         difficulty_bins: when positive, bin scored positions by the clean model's confidence (quantiles on
             the first ``id`` split) and add each mean-over-positions metric's ``difficulty_matched`` value
             per split (see :mod:`illusion_probe.difficulty`); costs one clean pass per split.
+        controls: names of proxies to explain with the refit ceiling and the random baseline (see
+            :mod:`illusion_probe.controls`): their simplifiers are refitted on half of each OOD split and
+            drawn at random, and their gaps gain the categories ``heldout``, ``refit_ceiling``,
+            ``refit_closes`` and ``random``; what the controls evaluate is in ``Results.control_records``.
         progress: show a progress bar.
 
     Returns:
@@ -208,7 +219,16 @@ def evaluate(
     reference = next((s.name for s in splits.values() if s.role == "id"), None)
     require(not difficulty_bins or reference is not None, "evaluate: difficulty_bins matches every split to the "
             "confidence on an in-distribution split, and there is none; give a split with role 'id' or pass 0")
-    plan = _plan(backend, proxies, splits, task, metrics, answer_ids, ablation, ablation_sequences)
+    require(isinstance(controls, Sequence) and not isinstance(controls, str),
+            f"evaluate: controls must be a list of proxy names, got {controls!r}")
+    control_plan = None
+    if controls:
+        require(isinstance(proxies, Mapping), "evaluate needs at least one proxy: {name: ip.Proxy}")
+        control_plan = plan_controls(backend, proxies, splits, list(dict.fromkeys(controls)), seed)
+        proxies = {**proxies, **control_plan.proxies}
+        splits = SplitSet([*splits.values(), *control_plan.splits])
+    plan = _plan(backend, proxies, splits, task, metrics, answer_ids, ablation, ablation_sequences,
+                 control_plan.scored_on if control_plan else {})
     records: list[Record] = []
     samples: dict[tuple[str, str, str, str, str], np.ndarray] = {}
     timings = defaultdict(float)
@@ -233,9 +253,17 @@ def evaluate(
     if difficulty_bins:
         means = [m.name for m in plan.position_metrics if isinstance(m, PositionMean)]
         records += difficulty.matched_records(records, samples, reference, means)
+    gaps = _gaps(records, samples)
+    control_records: list[Record] = []
+    if control_plan is not None:
+        control_records = [r for r in records if control_plan.is_control(r)]
+        records = [r for r in records if not control_plan.is_control(r)]
+        gaps = [g for g in gaps if not control_plan.is_control(g)]
+        gaps += control_gaps(control_plan, [*records, *control_records], samples, reference or "",
+                             [m.name for m in plan.position_metrics])
     infos = [MetricInfo(m.name, m.label, m.higher_is_better, "positions" if isinstance(m, Metric) else "hooks")
              for m in [*plan.position_metrics, *plan.hook_metrics]]
-    return Results(records=records, gaps=_gaps(records, samples), metrics=infos, meta={
+    return Results(records=records, gaps=gaps, control_records=control_records, metrics=infos, meta={
         "evaluation": {"batch_size": batch_size, "batch_tokens": batch_tokens, "chunk_size": chunk, "n_boot": n_boot, "seed": seed,
                        "ablation": ablation, "ablation_sequences": ablation_sequences,
                        "difficulty_bins": difficulty_bins, "difficulty_reference": reference if difficulty_bins else None,
@@ -246,6 +274,7 @@ def evaluate(
         "backend": backend.kind,
         "task": task.to_dict() if task is not None else None,
         "splits": {s.name: {"role": s.role, "n_sequences": len(s), "n_scored": s.n_scored} for s in splits.values()},
+        "controls": {"proxies": list(dict.fromkeys(controls)), "reference": reference} if controls else None,
         **provenance(),
     })
 
@@ -262,7 +291,7 @@ def _split_set(splits: Any) -> SplitSet:
 
 def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task: Task | None,
           metrics: Sequence[str | AnyMetric] | None, answer_ids: Any, ablation: str,
-          ablation_sequences: int) -> _Plan:
+          ablation_sequences: int, scored_on: Mapping[str, frozenset[str]]) -> _Plan:
     """Validate everything, fit the ablation baselines, and decide what every pass runs and watches."""
     require(isinstance(proxies, Mapping) and len(proxies) > 0, "evaluate needs at least one proxy: {name: ip.Proxy}; "
             "fit one with ip.fit_proxy")
@@ -298,13 +327,14 @@ def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task
     baselines: dict[frozenset[str], Proxy] = {}
     if any(m.uses_baseline for m in position):
         baselines = _ablation_proxies(backend, proxies, splits, ablation, ablation_sequences)
-    twins = {hooks: next((n for n, p in proxies.items() if p.same_edit(b)), None) for hooks, b in baselines.items()}
+    everywhere = {n: p for n, p in proxies.items() if set(splits) <= scored_on.get(n, set(splits))}  # on every split
+    twins = {hooks: next((n for n, p in everywhere.items() if p.same_edit(b)), None) for hooks, b in baselines.items()}
     resume: dict[str, int | None] = {}
     for name, proxy in proxies.items():
         hooks = [*proxy.read_hooks, *(h for hs in watched[name].values() for h in hs)]
         resume[name] = _resume_layer(backend, hooks)
     baseline_resume = {hooks: _resume_layer(backend, sorted(hooks)) for hooks in baselines}
-    return _Plan(position, hook_metrics, proxies, baselines, twins, watched, resume, baseline_resume, ids)
+    return _Plan(position, hook_metrics, proxies, baselines, twins, watched, resume, baseline_resume, ids, scored_on)
 
 
 def _answer_ids(backend: Backend, task: Task | None, answer_ids: Any) -> Tensor:
@@ -374,6 +404,8 @@ def _evaluate_split(backend: Backend, plan: _Plan, split: Split, sums: _Sums, ba
         tick = time.perf_counter()
         proxy_rows = {}
         for name, proxy in plan.proxies.items():
+            if not plan.scores(name, split.name):
+                continue
             hooks = _observed_hooks(plan, name, proxy, batch.real_mask, references, sums)
             proxy_rows[name] = scored.rows(_run(backend, batch, hooks, plan.resume[name], entering))
         for hooks_key, twin in plan.baseline_twin.items():
@@ -481,6 +513,8 @@ def _split_records(plan: _Plan, split: Split, table: dict[Hashable, np.ndarray],
         grouped[key[:3]][key[3]] = key  # (proxy, category or hook, metric) -> {term: column}
     records = []
     for name, proxy in plan.proxies.items():
+        if not plan.scores(name, split.name):
+            continue
         # One matrix product per proxy: every column of the split at once would be a large temporary.
         resampled = stats.Resampled.of({k: v for k, v in table.items() if k[0] == name}, weights)
         method, size = _proxy_method(proxy)

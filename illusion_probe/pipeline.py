@@ -25,11 +25,12 @@ import torch
 from illusion_probe.analysis.projection import Projection, key_query_projection
 from illusion_probe.artifacts import atomic_directory, read_json, write_json
 from illusion_probe.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from illusion_probe.controls import CATEGORIES
 from illusion_probe.errors import ArtifactError, IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
 from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, mlp_out, resid_pre
 from illusion_probe.models import build_model, resolve_device
-from illusion_probe.report.html import write_report
+from illusion_probe.report.html import featured_proxies, write_report
 from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
 from illusion_probe.simplify.fitting import fit_proxies
@@ -261,9 +262,15 @@ def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], 
     _log("evaluating")
     config = run.study.evaluation
     tick = time.perf_counter()
-    results = evaluate(model, proxies, _evaluation_splits(run), run.task, batch_size=config.batch_size,
-                       batch_tokens=config.batch_tokens, n_boot=config.n_boot, seed=run.seed, ablation=config.ablation,
-                       difficulty_bins=config.difficulty_bins)
+    options = dict(batch_size=config.batch_size, batch_tokens=config.batch_tokens, n_boot=config.n_boot,
+                   seed=run.seed, ablation=config.ablation, difficulty_bins=config.difficulty_bins)
+    results = evaluate(model, proxies, _evaluation_splits(run), run.task, **options)
+    _log("controls: refit ceiling and random baseline of the featured proxies")
+    featured = featured_proxies(results)
+    controlled = evaluate(model, {name: proxies[name] for name in featured}, _evaluation_splits(run), run.task,
+                          controls=featured, **options)
+    results = dataclasses.replace(results, control_records=controlled.control_records,
+                                  gaps=[*results.gaps, *(g for g in controlled.gaps if g.category in CATEGORIES)])
     results = results.with_meta(fingerprint=run.stamps["evaluate"], study=run.study.to_dict(), seed=run.seed,
                                 train_seconds=train_info.get("train_seconds"),
                                 evaluate_seconds=round(time.perf_counter() - tick, 2))

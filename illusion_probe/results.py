@@ -130,17 +130,25 @@ def _row(cls: type, data: Any) -> Any:
 @dataclass(frozen=True)
 class Results:
     """Records, gaps, metric descriptions and run metadata from one evaluation. Immutable: derive new ones
-    with :meth:`with_meta`."""
+    with :meth:`with_meta`.
+
+    ``control_records`` hold what the controls evaluated (refitted proxies, random baselines and the held-out
+    halves of the OOD splits; see :mod:`illusion_probe.controls`), apart from ``records`` so that tables and
+    figures of the proxies themselves never mix them in; the controls' conclusions are gaps (their categories
+    are listed in ``illusion_probe.controls``).
+    """
 
     records: tuple[Record, ...] = ()
     gaps: tuple[Gap, ...] = ()
     metrics: tuple[MetricInfo, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
+    control_records: tuple[Record, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "records", tuple(self.records))
         object.__setattr__(self, "gaps", tuple(self.gaps))
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        object.__setattr__(self, "control_records", tuple(self.control_records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -238,6 +246,7 @@ class Results:
             "gaps": [{k: _clean(v) for k, v in asdict(g).items()} for g in self.gaps],
             "metrics": [asdict(m) for m in self.metrics],
             "meta": dict(self.meta),
+            "control_records": [{k: _clean(v) for k, v in asdict(r).items()} for r in self.control_records],
         }
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -258,7 +267,7 @@ class Results:
                 f"(this illusion-probe reads {SCHEMA_VERSION}); re-run the evaluation with this version"
             )
         parts: dict[str, list[Any]] = {}
-        for key, kind in (("records", Record), ("gaps", Gap), ("metrics", MetricInfo)):
+        for key, kind in (("records", Record), ("gaps", Gap), ("metrics", MetricInfo), ("control_records", Record)):
             entries = data.get(key, [])
             if not isinstance(entries, list):
                 raise ArtifactError(f"{source}: {key!r} should be a list, got {type(entries).__name__}")
@@ -271,7 +280,8 @@ class Results:
             raise ArtifactError(f"{source}: 'meta' should be an object, got {type(meta).__name__}")
         if not parts["records"]:
             raise ArtifactError(f"{source}: the results set is empty; nothing to report")
-        return cls(records=parts["records"], gaps=parts["gaps"], metrics=parts["metrics"], meta=meta)
+        return cls(records=parts["records"], gaps=parts["gaps"], metrics=parts["metrics"], meta=meta,
+                   control_records=parts["control_records"])
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Results:

@@ -9,6 +9,7 @@ from illusion_probe.simplify.fitting import fit_proxies, fit_proxy
 from illusion_probe.simplify.kmeans import KMeans
 from illusion_probe.simplify.pca import PCA, SVD
 from illusion_probe.simplify.proxy import Proxy
+from illusion_probe.simplify.random_baselines import RandomCentroids, RandomSubspace
 from illusion_probe.simplify.sae import SAE
 from illusion_probe.simplify.transcoder import Transcoder
 
@@ -22,6 +23,8 @@ __all__ = [
     "MeanAblation",
     "OneHotAttention",
     "Proxy",
+    "RandomCentroids",
+    "RandomSubspace",
     "Simplifier",
     "Transcoder",
     "ZeroAblation",

@@ -149,6 +149,11 @@ class Simplifier(ABC):
         ``act`` itself). The default is ``self(act, hook)``."""
         return self(act, hook)
 
+    def random_baseline(self) -> Simplifier | None:
+        """An unfitted simplifier of this one's form and size whose learned structure is drawn at random (the
+        random-baseline control; see :mod:`illusion_probe.controls`), or ``None`` for a family without one."""
+        return None
+
     def latents(self, source: Tensor) -> Float[Tensor, "*samples group d_sae"]:
         """A sparse dictionary's latents for the activation ``source`` it reads (``has_latents`` simplifiers only)."""
         raise NotImplementedError(f"{self.describe()} has no latents")

@@ -56,6 +56,11 @@ class KMeans(SampledSimplifier):
         return {**super().options(), "n_clusters": self.n_clusters, "seed": self.seed, "n_init": self.n_init,
                 "max_samples": self.max_samples}
 
+    def random_baseline(self) -> SampledSimplifier | None:
+        from illusion_probe.simplify.random_baselines import RandomCentroids  # it subclasses this class
+
+        return RandomCentroids(self.n_clusters, seed=self.seed, max_samples=self.max_samples, per_head=self.per_head)
+
     # -- fitting ----------------------------------------------------------------------
     def check_sample_count(self, n: int) -> None:
         require(self.n_clusters <= min(n, self.max_samples), f"{self.describe()}: n_clusters={self.n_clusters} "

@@ -48,6 +48,11 @@ class PCA(FittedSimplifier):
     def options(self) -> dict[str, Any]:
         return {**super().options(), "rank": self.rank, "center": self.center}
 
+    def random_baseline(self) -> FittedSimplifier | None:
+        from illusion_probe.simplify.random_baselines import RandomSubspace  # it subclasses this class
+
+        return RandomSubspace(self.rank, center=self.center, per_head=self.per_head)
+
     # -- fitting ----------------------------------------------------------------------
     def check_feature_dim(self, feature: int) -> None:
         require(self.rank <= feature, f"{self.describe()}: rank {self.rank} exceeds the feature dimension {feature}")
