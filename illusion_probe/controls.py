@@ -137,7 +137,7 @@ def control_gaps(plan: ControlPlan, records: Sequence[Record], samples: Mapping[
                 low, high = stats.interval(difference)
                 gaps.append(Gap(proxy=name, method=base.method, size=base.size, category=category, metric=metric,
                                 id_split=reference, ood_split=split, value=a.value - b.value, ci_low=low, ci_high=high,
-                                p_value=stats.bootstrap_p_value(difference)))
+                                p_value=stats.bootstrap_p_value(a.value - b.value, difference)))
     return gaps
 
 

@@ -272,6 +272,8 @@ def evaluate(
                                                 if twin is not None}},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "backend": backend.kind,
+        "size_options": {s.method: s.size_option for proxy in proxies.values() for s in proxy.simplifiers.values()
+                         if s.size_option is not None},
         "task": task.to_dict() if task is not None else None,
         "splits": {s.name: {"role": s.role, "n_sequences": len(s), "n_scored": s.n_scored} for s in splits.values()},
         "controls": {"proxies": list(dict.fromkeys(controls)), "reference": reference} if controls else None,
@@ -559,5 +561,5 @@ def _gaps(records: list[Record], samples: dict[tuple[str, str, str, str, str], n
             low, high = stats.interval(diff)
             gaps.append(Gap(proxy=proxy, method=rec.method, size=rec.size, category=category, metric=metric,
                             id_split=split, ood_split=ood, value=rec.value - other.value, ci_low=low, ci_high=high,
-                            hook=hook, p_value=stats.bootstrap_p_value(diff)))
+                            hook=hook, p_value=stats.bootstrap_p_value(rec.value - other.value, diff)))
     return gaps

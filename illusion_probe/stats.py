@@ -10,6 +10,7 @@ between positions of one sequence.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -95,17 +96,21 @@ def interval(samples: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_p_value(differences: np.ndarray) -> float:
-    """Two-sided bootstrap p-value for "the difference is 0", from its resampled values.
+def bootstrap_p_value(estimate: float, differences: np.ndarray) -> float:
+    """Two-sided p-value for "the difference is 0": ``estimate`` over the standard deviation of its resamples,
+    referred to the normal distribution (a Wald test with a bootstrap standard error).
 
-    ``2 * (min(#(d <= 0), #(d >= 0)) + 1) / (n + 1)``, at most 1, over the finite resamples (NaN when
-    there are none); the ``+ 1`` keeps it above zero, so the smallest value is ``2 / (n + 1)``.
+    NaN without two finite resamples; with resamples that do not vary, 1 for a zero estimate and 0 otherwise.
+    The normal reference resolves small p-values, which a count of resamples beyond 0 cannot (at 1,000
+    resamples nothing falls below 0.002, too coarse for a correction across many cells).
     """
     finite = differences[np.isfinite(differences)]
-    if finite.size == 0:
+    if finite.size < 2 or not math.isfinite(estimate):
         return float("nan")
-    tail = min(int((finite <= 0).sum()), int((finite >= 0).sum()))
-    return min(1.0, 2.0 * (tail + 1) / (finite.size + 1))
+    spread = float(finite.std(ddof=1))
+    if spread == 0.0:
+        return 1.0 if estimate == 0 else 0.0
+    return math.erfc(abs(estimate) / spread / math.sqrt(2.0))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -73,7 +73,8 @@ def sweep_figure(results: Results, metrics: Sequence[str] = ("agreement", "kl"),
                     hovertemplate=f"{split}<br>size %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>",
                 ), row=row, col=col)
             sizes = sorted({r.size for r in results.records if (r.method, r.hooks) == (method, hooks) and r.size})
-            fig.update_xaxes(type="log", tickvals=sizes, title_text="rank / clusters" if row == len(metrics) else None,
+            size_name = results.meta.get("size_options", {}).get(method, "size")
+            fig.update_xaxes(type="log", tickvals=sizes, title_text=size_name if row == len(metrics) else None,
                              row=row, col=col)
             fig.update_yaxes(title_text=results.metric_info(metric).title if col == 1 else None, row=row, col=col)
     fig.update_layout(height=330 * len(metrics), title="Faithfulness against proxy size (dashed: OOD splits)",
@@ -175,5 +176,7 @@ def projection_figure(projection: Projection) -> go.Figure:
                     "showscale": panel is panels[0], "colorbar": {"title": "depth"}, "opacity": 0.7},
             hovertemplate="depth %{marker.color}<extra></extra>",
         ), row=kinds.index(panel.kind) + 1, col=splits.index(panel.split) + 1)
+    fig.update_xaxes(title_text="PC1", row=len(kinds))
+    fig.update_yaxes(title_text="PC2", col=1)
     fig.update_layout(title=projection.title, template="plotly_white", height=300 * len(kinds) + 80)
     return fig

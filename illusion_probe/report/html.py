@@ -6,6 +6,8 @@ each metric's direction from the results, and the full table lists every metric.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import html
 import json
 import math
@@ -29,6 +31,8 @@ from illusion_probe.results import MATCHED, Gap, Results
 ALPHA = 0.05
 
 if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
+    import plotly.graph_objects as go
+
     from illusion_probe.analysis.projection import Projection
 
 STYLE = """
@@ -39,7 +43,8 @@ table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.9rem; }
 th, td { border: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: right; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 .worse { color: #b00020; font-weight: 600; } .better { color: #1b5e20; font-weight: 600; }
-.note { color: #555; font-size: 0.9rem; } summary { cursor: pointer; font-weight: 600; margin: 1rem 0; }
+.note { color: #555; font-size: 0.9rem; } .ci { color: #666; font-size: 0.75rem; white-space: nowrap; }
+.verdict { overflow-x: auto; } .verdict table { font-size: 0.82rem; } summary { cursor: pointer; font-weight: 600; margin: 1rem 0; }
 pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.8rem; }
 """
 
@@ -61,6 +66,51 @@ def featured_proxies(results: Results) -> list[str]:
     chosen = [row["proxy"] for row in results.headline()]
     sizeless = [r.proxy for r in results.records if r.size is None]
     return list(dict.fromkeys([*chosen, *sizeless]))
+
+
+VERDICT_METRIC = "agreement"
+
+
+def _verdict_section(results: Results, proxies: list[str]) -> str:
+    """The first screen: per featured proxy and OOD split, agreement in and out of distribution, the gap, and what
+    the controls say about it."""
+    id_splits, ood_splits = results.splits_with_role("id"), results.splits_with_role("ood")
+    if not id_splits or not ood_splits:
+        return "<p class='note'>No in-distribution and OOD split pair to compare.</p>"
+    reference = id_splits[0]
+    gaps = {(g.proxy, g.category, g.ood_split): g for g in results.gaps
+            if g.metric == VERDICT_METRIC and g.id_split == reference and not g.hook}
+    marked = ("all", MATCHED, "refit_ceiling")  # where a positive gap means "less faithful out of distribution"
+    family = [g for (proxy, category, _), g in gaps.items() if proxy in proxies and category in marked]
+    adjusted = dict(zip(map(id, family), stats.holm([g.p_value for g in family]), strict=True))
+
+    def value(split: str, proxy: str, metric: str) -> str:
+        found = results.select(split=split, proxy=proxy, metric=metric, category="all")
+        return f"{_fmt(found[0].value)}" if found else "–"
+
+    rows = []
+    for proxy in proxies:
+        for ood in ood_splits:
+            method, _, hooks = proxy.partition("@")
+            label = f"<b>{html.escape(method)}</b><br><span class='ci'>{html.escape(hooks)}</span>" if hooks else html.escape(proxy)
+            cells = [label, html.escape(ood), value(reference, proxy, VERDICT_METRIC),
+                     value(ood, proxy, VERDICT_METRIC)]
+            for category in ("all", MATCHED, "refit_ceiling", "refit_closes", "random"):
+                gap = gaps.get((proxy, category, ood))
+                value_cell, interval = _gap_cell(results, gap, adjusted if category in marked else {})
+                cells.append(f"{value_cell}<br><span class='ci'>{interval}</span>" if gap else "–")
+            cells.append(f"{value(reference, proxy, 'acc_model')} → {value(ood, proxy, 'acc_model')}")
+            rows.append(cells)
+    note = (f"<p class='note'>Agreement with the model on {html.escape(reference)} and on each OOD split; gap = "
+            f"{html.escape(reference)} − OOD, with its 95% interval. Difficulty-matched: the OOD split reweighted to "
+            f"the {html.escape(reference)} mix of the model's confidence. Refit ceiling: the gap left when the proxy "
+            "is refitted on half of the OOD split and scored on the other half; refit closes: what that refit "
+            "recovers; random: the gap of the same form with random structure (docs/concepts.md). Red: less "
+            f"faithful out of distribution, significant at {ALPHA:g} after a Holm correction across the "
+            f"{len(family)} gaps of the first three gap columns.</p>")
+    table = _table(["proxy", "OOD split", f"agreement {reference}", "agreement OOD", "gap", "difficulty-matched gap",
+                    "refit ceiling", "refit closes", "random baseline gap", "model accuracy"], rows)
+    return f"{note}<div class='verdict'>{table}</div>"
 
 
 def _headline_section(results: Results) -> str:
@@ -89,7 +139,7 @@ def _gap_cell(results: Results, gap: Gap | None, adjusted: dict[int, float]) -> 
     """A gap's value (coloured when significant after correction) and its interval, as two cells."""
     if gap is None:
         return ["–", "–"]
-    direction = _direction(results, gap, adjusted[id(gap)])
+    direction = _direction(results, gap, adjusted.get(id(gap), float("nan")))
     value = f"<span class='{direction}'>{_fmt(gap.value)}</span>" if direction else _fmt(gap.value)
     return [value, f"[{_fmt(gap.ci_low)}, {_fmt(gap.ci_high)}]"]
 
@@ -134,9 +184,8 @@ def _metrics_section(results: Results, proxies: list[str]) -> str:
 
 
 def render_report(results: Results, title: str = "illusion-probe report", projection: Projection | None = None) -> str:
-    """The report as one HTML string with plotly.js inlined."""
-    from plotly.offline import get_plotlyjs
-
+    """The report as one HTML string that opens offline: plotly.js inlined once, gzip-compressed (base64), and
+    unpacked by the browser (``DecompressionStream``) before the figures are drawn from their JSON."""
     if not results.records:
         raise IllusionProbeError("cannot write a report from an empty results set; evaluate at least one proxy")
     featured = featured_proxies(results)
@@ -150,24 +199,53 @@ def render_report(results: Results, title: str = "illusion-probe report", projec
     by_category = category_figure(results, featured)
     if by_category is not None:
         figures.append(("Agreement by position category", by_category))
-    # Fixed element ids (plotly draws random ones), so the same results give the same file byte for byte.
-    sections = [f"<h2>{html.escape(name)}</h2>" + fig.to_html(full_html=False, include_plotlyjs=False,
-                                                              div_id=f"figure-{i}", config={"responsive": True})
-                for i, (name, fig) in enumerate(figures)]
+    # Fixed element ids, so the same results give the same file byte for byte.
+    sections = [f"<h2>{html.escape(name)}</h2>{_figure_block(f'figure-{i}', fig)}" for i, (name, fig) in enumerate(figures)]
     provenance = json.dumps(dict(results.meta), indent=2, sort_keys=True, default=str)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{STYLE}</style><script type="text/javascript">{get_plotlyjs()}</script></head>
+<style>{STYLE}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p class="note">How faithful each simplified proxy stays to the model, in distribution (test) and out of it (ood_*).
 Intervals are 95% bootstrap intervals over sequences.</p>
+<h2>Verdict</h2>{_verdict_section(results, featured)}
 <h2>Headline</h2>{_headline_section(results)}
 {''.join(sections)}
 <h2>Generalization gaps</h2>{_gap_section(results, featured)}
 <details><summary>Every metric of these proxies, per split</summary>{_metrics_section(results, featured)}</details>
 <details><summary>Provenance</summary><pre>{html.escape(provenance)}</pre></details>
+<script type="application/octet-stream" id="plotly-js">{_packed_plotly()}</script>
+<script>{LOADER}</script>
 </body></html>
 """
+
+
+#: Unpacks plotly.js in the browser, then draws every figure from its JSON.
+LOADER = """
+(async () => {
+  const packed = document.getElementById("plotly-js").textContent.trim();
+  const bytes = Uint8Array.from(atob(packed), (c) => c.charCodeAt(0));
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+  (0, eval)(await new Response(stream).text());
+  for (const node of document.querySelectorAll("script[data-figure]")) {
+    const figure = JSON.parse(node.textContent);
+    Plotly.newPlot(node.dataset.figure, figure.data, figure.layout, {responsive: true});
+  }
+})();
+"""
+
+
+def _figure_block(div_id: str, fig: go.Figure) -> str:
+    """An empty ``div`` and the figure's JSON, drawn by :data:`LOADER` once plotly.js is unpacked."""
+    payload = fig.to_json().replace("</", "<\\/")  # nothing in the JSON may close the script element
+    return f'<div id="{div_id}"></div><script type="application/json" data-figure="{div_id}">{payload}</script>'
+
+
+def _packed_plotly() -> str:
+    """plotly.js (the version plotly.py ships), gzip-compressed with a fixed timestamp, in base64."""
+    from plotly.offline import get_plotlyjs
+
+    return base64.b64encode(gzip.compress(get_plotlyjs().encode(), mtime=0)).decode()
 
 
 def write_report(results: Results, path: str | os.PathLike, title: str = "illusion-probe report",

@@ -24,7 +24,7 @@ def test_reproduce_writes_every_artefact(run_dir, capsys) -> None:
     splits = {r["split"] for r in results["records"]}
     assert {"train", "test", "ood_unseen_structure", "ood_longer", "ood_deeper"} <= splits
     methods = {r["method"] for r in results["records"]}
-    assert {"pca", "kmeans", "onehot_attention", "mean_ablation", "zero_ablation"} <= methods
+    assert {"pca", "kmeans", "onehot_attention", "mean_ablation", "sae", "transcoder"} <= methods
     assert "Plotly.newPlot" in (run_dir / "report.html").read_text()
     assert not [p for p in os.listdir(run_dir) if p.startswith(".")]  # no staging leftovers
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
+import gzip
 import io
 import json
 import math
@@ -98,8 +100,14 @@ def test_report_is_self_contained(tmp_path) -> None:
     path = write_report(_results(), tmp_path / "report.html", projection=PROJECTION)
     text = path.read_text()
     assert not re.search(r"<script[^>]*\ssrc=", text)  # plotly.js is inlined, nothing is fetched
-    assert text.count("Plotly.newPlot") >= 3  # sweep, accuracy, projection
+    assert text.count("data-figure=") >= 3  # sweep, accuracy, projection: drawn once plotly.js is unpacked
     assert "pca(4)@h" in text and "Provenance" in text
+    packed = re.search(r'<script type="application/octet-stream" id="plotly-js">([^<]+)</script>', text)
+    assert packed is not None
+    from plotly.offline import get_plotlyjs
+
+    assert gzip.decompress(base64.b64decode(packed.group(1))).decode() == get_plotlyjs()  # all of plotly.js, once
+    assert text.index("<h2>Verdict</h2>") < text.index("<h2>Headline</h2>")  # the verdict comes first
 
 
 def test_report_module_does_not_import_torch() -> None:
@@ -135,4 +143,5 @@ def test_gap_cells_are_marked_only_when_significant_after_holm() -> None:
     records = [*base.records, *(dataclasses.replace(r, split=f"ood_{i}") for i in range(len(p_values))
                                 for r in base.records if r.split == "ood_deeper")]
     page = render_report(Results(records=records, gaps=gaps, metrics=base.metrics, meta={}))
-    assert page.count("<span class='worse'>") == 1 and "Holm correction across the 3 gaps" in page
+    gap_table = page[page.index("<h2>Generalization gaps</h2>"):]
+    assert gap_table.count("<span class='worse'>") == 1 and "Holm correction across the 3 gaps" in gap_table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -93,14 +95,15 @@ def test_resampled_equals_one_product_per_column() -> None:
     np.testing.assert_allclose(boot, (weights @ sums["num"]) / (weights @ sums["den"]))
 
 
-def test_bootstrap_p_value_is_two_sided_and_never_zero() -> None:
+def test_bootstrap_p_value_is_a_wald_test_with_the_bootstrap_standard_error() -> None:
     from illusion_probe.stats import bootstrap_p_value
 
-    assert bootstrap_p_value(np.arange(1.0, 100.0)) == pytest.approx(2 / 100)  # all 99 resamples above 0
-    assert bootstrap_p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(2 * 2 / 5)
-    assert bootstrap_p_value(np.array([-3.0, -2.0, 1.0, np.nan])) == pytest.approx(2 * 2 / 4)
-    assert bootstrap_p_value(np.linspace(-1, 1, 11)) == 1.0
-    assert np.isnan(bootstrap_p_value(np.array([np.nan])))
+    samples = np.random.default_rng(0).normal(0.1, 0.05, size=4000)
+    assert bootstrap_p_value(0.1, samples) == pytest.approx(math.erfc(2 / math.sqrt(2)), rel=0.05)  # z = 2: 0.0455
+    assert bootstrap_p_value(0.0, samples) == 1.0
+    assert bootstrap_p_value(0.5, samples) < 1e-20  # resolves what a count of resamples cannot
+    assert bootstrap_p_value(0.0, np.zeros(5)) == 1.0 and bootstrap_p_value(0.2, np.full(5, 0.2)) == 0.0
+    assert np.isnan(bootstrap_p_value(0.1, np.array([np.nan, 0.1])))
 
 
 def test_holm_matches_the_step_down_definition() -> None:
