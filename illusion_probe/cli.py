@@ -64,16 +64,16 @@ def _fmt(value: float | None) -> str:
 
 
 def print_summary(results, files: Sequence[Path]) -> None:
-    """The headline table: per swept family, the smallest size at 99% agreement on the first in-distribution
-    split, and its agreement on every other evaluation split; then size-free proxies and the model's accuracy."""
-    splits = [*results.splits_with_role("id"), *results.splits_with_role("ood")]
-    id_split = splits[0] if results.splits_with_role("id") else "test"
+    """The headline table: per swept family, the smallest size at 99% agreement on the selection split (``val``
+    when there is one), and its agreement on every evaluation split; then size-free proxies and the model's accuracy."""
+    splits = [*results.splits_with_role("val"), *results.splits_with_role("id"), *results.splits_with_role("ood")]
+    id_split = results.splits_with_role("id")[0] if results.splits_with_role("id") else "test"
     width = max(len(s) for s in splits)
     header = f"{'proxy (agreement with the model)':<48} " + " ".join(f"{s:>{width}}" for s in splits)
     print(header)
     print("-" * len(header))
-    rows = [(row["proxy"] + ("" if row["reached"] else " (<99%)"), row["proxy"])
-            for row in results.headline(id_split=id_split)]
+    headline = results.headline(id_split=id_split)
+    rows = [(row["proxy"] + ("" if row["reached"] else " (<99%)"), row["proxy"]) for row in headline]
     rows += [(p, p) for p in dict.fromkeys(r.proxy for r in results.records if r.size is None)]
 
     def cell(split: str, proxy: str, metric: str) -> str:
@@ -84,7 +84,8 @@ def print_summary(results, files: Sequence[Path]) -> None:
         print(f"{label[:48]:<48} " + " ".join(f"{cell(s, proxy, 'agreement'):>{width}}" for s in splits))
     if rows:
         print(f"{'model accuracy':<48} " + " ".join(f"{cell(s, rows[0][1], 'acc_model'):>{width}}" for s in splits))
-    print(f"headline: smallest size per family reaching 99% agreement on {id_split}")
+    selected_on = headline[0]["selected_on"] if headline else id_split
+    print(f"headline: smallest size per family reaching 99% agreement on {selected_on}")
     print("wrote: " + ", ".join(str(f) for f in files))
 
 

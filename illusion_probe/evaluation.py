@@ -37,7 +37,7 @@ from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import first_layer, is_after_blocks, is_attention_pattern, resid_pre
 from illusion_probe.metrics import AnyMetric, HookMetric, Metric, PositionMean, Predictions, Scored, resolve_metrics
 from illusion_probe.provenance import provenance
-from illusion_probe.results import Gap, MetricInfo, Record, Results
+from illusion_probe.results import DISAGREEMENT_RATIO, Gap, MetricInfo, Record, Results
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
 from illusion_probe.simplify.fitting import fit_proxies_with
 from illusion_probe.simplify.proxy import Proxy, default_name
@@ -562,4 +562,12 @@ def _gaps(records: list[Record], samples: dict[tuple[str, str, str, str, str], n
             gaps.append(Gap(proxy=proxy, method=rec.method, size=rec.size, category=category, metric=metric,
                             id_split=split, ood_split=ood, value=rec.value - other.value, ci_low=low, ci_high=high,
                             hook=hook, p_value=stats.bootstrap_p_value(rec.value - other.value, diff)))
+            if metric == "agreement":  # near 1, a ratio of disagreement rates says more than a difference
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = (1 - samples[(ood, proxy, category, metric, hook)]) / (1 - samples[(split, proxy, category, metric, hook)])
+                    value = (1 - other.value) / (1 - rec.value) if rec.value != 1 else float("nan")
+                low, high = stats.interval(np.where(np.isfinite(ratio), ratio, np.nan))
+                gaps.append(Gap(proxy=proxy, method=rec.method, size=rec.size, category=category,
+                                metric=DISAGREEMENT_RATIO, id_split=split, ood_split=ood, value=value, ci_low=low,
+                                ci_high=high, hook=hook))
     return gaps

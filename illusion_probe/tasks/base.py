@@ -22,8 +22,8 @@ from torch import Tensor
 from illusion_probe.config import from_table
 from illusion_probe.errors import IllusionProbeError, require
 
-Role = Literal["train", "id", "ood"]
-ROLES: tuple[str, ...] = ("train", "id", "ood")
+Role = Literal["train", "val", "id", "ood"]
+ROLES: tuple[str, ...] = ("train", "val", "id", "ood")
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +32,8 @@ class Split:
 
     Attributes:
         name: split name (``"train"``, ``"test"``, ``"ood_*"``, or the user's own).
-        role: ``"train"`` (fit and train here), ``"id"`` (held-out in distribution) or ``"ood"``.
+        role: ``"train"`` (fit and train here), ``"val"`` (held out in distribution, for choosing proxies:
+            scored, never gapped), ``"id"`` (held out in distribution, the side gaps are taken from) or ``"ood"``.
         tokens: ``[n, pos]`` token ids, right-padded with ``pad_id``.
         eval_mask: ``[n, pos]`` True where the prediction of the *next* token is scored.
         targets: ``[n, pos]`` the correct next token where ``eval_mask`` (``pad_id`` or 0 elsewhere).

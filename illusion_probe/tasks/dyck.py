@@ -6,7 +6,8 @@ fully determined by the prefix) and is the argmax over the closing tokens.
 
 Splits (every sequence unique within and across splits; lengths count the BOS token):
 
-- ``train`` / ``test``: ``min_len <= length <= max_len``, depth ``<= m``, no held-out skeleton.
+- ``train`` / ``val`` / ``test``: ``min_len <= length <= max_len``, depth ``<= m``, no held-out skeleton
+  (``val``, role ``val``, chooses the headline proxies; ``test``, role ``id``, is the side gaps are taken from).
 - ``ood_unseen_structure``: same bounds, at least one top-level block with a held-out skeleton.
 - ``ood_longer``: the same process with ``min_len = max_len + 1`` and length ``<= ood_max_len``.
 - ``ood_deeper``: the process with depth bound ``ood_max_depth``, length ``<= max_len``,
@@ -62,7 +63,8 @@ class DyckConfig:
         holdout_fraction: share of eligible top-level block skeletons held out of training, in (0, 1).
         holdout_min_pairs: skeletons with fewer bracket pairs are never held out (``"()"``, ``"(())"``).
         n_train: sequences in ``train``.
-        n_test: sequences in ``test``.
+        n_test: sequences in ``test``, and in ``val`` (in distribution like ``test``; headline proxies are
+            chosen on it, so that ``test``, the in-distribution side of every gap, is not also the selection split).
         n_ood: sequences in each ``ood_*`` split.
         ood_max_len: longest sequence in ``ood_longer`` (whose sequences are all longer than ``max_len``).
         ood_max_depth: depth bound of ``ood_deeper`` (whose sequences are all deeper than ``m``).
@@ -202,13 +204,16 @@ class DyckTask(Task):
             _SplitRecipe("ood_deeper", "ood", cfg.n_ood, SamplerSpec(cfg.k, cfg.ood_max_depth, cfg.min_len,
                                                                      cfg.max_len),
                          lambda b: ~b.has_held_out & (b.max_depth > cfg.m)),
+            # Drawn last, so that adding it left every other split of a seed as it was.
+            _SplitRecipe("val", "val", cfg.n_test, train_spec, lambda b: ~b.has_held_out),
         ]
         seen: set[bytes] = set()
-        splits = []
+        drawn = {}
         for index, recipe in enumerate(recipes):
             generator = torch.Generator().manual_seed(_split_seed(seed, index))
-            splits.append(self._build_split(recipe, self._draw(recipe, generator, seen)))
-        return SplitSet(splits).with_trained_length_label("train")
+            drawn[recipe.name] = self._build_split(recipe, self._draw(recipe, generator, seen))
+        order = ["train", "val", "test", "ood_unseen_structure", "ood_longer", "ood_deeper"]
+        return SplitSet([drawn[name] for name in order]).with_trained_length_label("train")
 
     def _draw(self, recipe: _SplitRecipe, generator: torch.Generator, seen: set[bytes]) -> Tensor:
         """``[n, max_len]`` unique sequences meeting ``recipe.keep``; adds them to ``seen``."""

@@ -56,9 +56,9 @@ def reference(ids: list[int], k: int) -> dict:
 def check_splits(task: DyckTask, splits) -> None:
     """Every property the splits promise, against :func:`reference`."""
     cfg = task.config
-    assert list(splits) == ["train", "test", "ood_unseen_structure", "ood_longer", "ood_deeper"]
-    assert [s.role for s in splits.values()] == ["train", "id", "ood", "ood", "ood"]
-    sizes = {"train": cfg.n_train, "test": cfg.n_test}
+    assert list(splits) == ["train", "val", "test", "ood_unseen_structure", "ood_longer", "ood_deeper"]
+    assert [s.role for s in splits.values()] == ["train", "val", "id", "ood", "ood", "ood"]
+    sizes = {"train": cfg.n_train, "val": cfg.n_test, "test": cfg.n_test}
     all_keys: set[tuple[int, ...]] = set()
     parsed = {}
     for name, split in splits.items():

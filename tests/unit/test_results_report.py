@@ -145,3 +145,14 @@ def test_gap_cells_are_marked_only_when_significant_after_holm() -> None:
     page = render_report(Results(records=records, gaps=gaps, metrics=base.metrics, meta={}))
     gap_table = page[page.index("<h2>Generalization gaps</h2>"):]
     assert gap_table.count("<span class='worse'>") == 1 and "Holm correction across the 3 gaps" in gap_table
+
+
+def test_the_headline_chooses_on_the_validation_split_when_there_is_one() -> None:
+    base = _results()
+    (on_test,) = base.headline()
+    assert (on_test["selected_on"], on_test["size"]) == ("test", 4)  # no val split: the choice falls back to test
+    val = [dataclasses.replace(r, split="val", role="val", value=0.995 if r.metric == "agreement" else r.value)
+           for r in base.records if r.split == "test"]
+    (row,) = Results(records=[*base.records, *val], gaps=base.gaps, metrics=base.metrics).headline()
+    assert (row["selected_on"], row["size"], row["selection_agreement"]) == ("val", 1, 0.995)  # size 1 reaches 99% there
+    assert row["id_agreement"] == pytest.approx(0.93)  # and its agreement is still reported on test
