@@ -214,6 +214,26 @@ def _metrics_section(results: Results, proxies: list[str]) -> str:
     return _table(["proxy", "metric", "hook", *splits], rows)
 
 
+def _category_section(results: Results, proxies: list[str], metric: str = "agreement") -> str:
+    """``metric`` of the featured proxies per position category (every label, confidence bin and the
+    difficulty-matched value) and split, with intervals: the breakdowns behind the heatmap figure."""
+    categories = [c for c in dict.fromkeys(r.category for r in results.records) if c != "all"]
+    if not categories:
+        return "<p class='note'>These splits have no position categories.</p>"
+    splits = results.splits
+    rows = []
+    for proxy in proxies:
+        for category in categories:
+            cells = []
+            for split in splits:
+                found = results.select(proxy=proxy, metric=metric, category=category, split=split)
+                cells.append(f"{_fmt(found[0].value)}<br><span class='ci'>[{_fmt(found[0].ci_low, 3)}, "
+                             f"{_fmt(found[0].ci_high, 3)}] n={found[0].n_positions}</span>"
+                             if found and found[0].n_positions else "–")
+            rows.append([html.escape(proxy), html.escape(category), *cells])
+    return _table(["proxy", "category", *splits], rows)
+
+
 def render_report(results: Results, title: str = "illusion-probe report", projection: Projection | None = None) -> str:
     """The report as one HTML string that opens offline: plotly.js inlined once, gzip-compressed (base64), and
     unpacked by the browser (``DecompressionStream``) before the figures are drawn from their JSON."""
@@ -243,6 +263,7 @@ Intervals are 95% bootstrap intervals over sequences.</p>
 <h2>Headline</h2>{_headline_section(results)}
 {''.join(sections)}
 <h2>Generalization gaps</h2>{_gap_section(results, featured)}
+<details><summary>Agreement by position category, with intervals</summary>{_category_section(results, featured)}</details>
 <details><summary>Every metric of these proxies, per split</summary>{_metrics_section(results, featured)}</details>
 <details><summary>Provenance</summary><pre>{html.escape(provenance)}</pre></details>
 <script type="application/octet-stream" id="plotly-js">{_packed_plotly()}</script>
