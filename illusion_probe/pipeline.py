@@ -302,6 +302,7 @@ def report_stage(run: Run, results: Results, projection: Projection) -> list[Pat
     """Write ``report.html``; returns every artefact of the run (its folders and files)."""
     report = write_report(results, run.out / "report.html", title=f"illusion-probe: {run.study.name}, seed {run.seed}",
                           projection=projection)
+    _log(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, opens offline)")
     return [run.out / name for name in ("checkpoint", "proxies", "results.json", "results.csv", "projection.json")] + [report]
 
 

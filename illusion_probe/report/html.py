@@ -107,10 +107,18 @@ def _verdict_section(results: Results, proxies: list[str]) -> str:
             "is refitted on half of the OOD split and scored on the other half; refit closes: what that refit "
             "recovers; random: the gap of the same form with random structure (docs/concepts.md). Red: less "
             f"faithful out of distribution, significant at {ALPHA:g} after a Holm correction across the "
-            f"{len(family)} gaps of the first three gap columns.</p>")
+            f"{len(family)} gaps of the first three gap columns.{_ablation_note(proxies)}</p>")
     table = _table(["proxy", "OOD split", f"agreement {reference}", "agreement OOD", "gap", "difficulty-matched gap",
                     "refit ceiling", "refit closes", "random baseline gap", "model accuracy"], rows)
     return f"{note}<div class='verdict'>{table}</div>"
+
+
+def _ablation_note(proxies: list[str]) -> str:
+    """Why one ablation of keys and queries stands for both, when the study shows one."""
+    if not any(p.startswith(("mean_ablation@", "zero_ablation@")) and "hook_k" in p and "hook_q" in p for p in proxies):
+        return ""
+    return (" Ablating keys and queries to their mean or to zero is the same edit in effect (every key equal, so every "
+            "query attends uniformly), so one ablation baseline is shown.")
 
 
 def _headline_section(results: Results) -> str:
