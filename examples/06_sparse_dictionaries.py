@@ -24,6 +24,7 @@ import torch
 
 import illusion_probe as ip
 from illusion_probe.analysis.matched import matched_gaps
+from illusion_probe.pipeline import prepare, train_stage
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,16 +40,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # A Dyck task and a briefly trained model (see 01_quickstart_dyck.py for the full walk-through).
-    task = ip.DyckTask(ip.DyckConfig.preset("tiny" if args.tiny else "quick"))
-    splits = task.make_splits(seed=0)
-    model_cfg = (ip.ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32) if args.tiny
-                 else ip.ModelConfig(n_layers=2, d_model=64, n_heads=4))
-    train_cfg = (ip.TrainConfig(max_steps=20, warmup_steps=2, batch_size=32, eval_every=10, eval_sequences=60,
-                                progress=False) if args.tiny
-                 else ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.995))
-    model = ip.build_model(task, model_cfg)
-    ip.train(model, splits, train_cfg, task=task)
+    # The Dyck study's task, splits and trained model, as `illusion-probe reproduce dyck` makes them (stage by
+    # stage: see 01_quickstart_dyck.py for a walk-through with the building blocks).
+    run = prepare(ip.load_study("dyck", "tiny" if args.tiny else "quick"), out / "run", device="cpu")
+    model, _ = train_stage(run)
+    task, splits = run.task, run.splits
 
     resid, mlp = "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out"
     widths, ranks = ([8, 16], [2, 4, 8]) if args.tiny else ([8, 16, 64], [4, 8, 16, 32])
