@@ -72,27 +72,77 @@ def matched_gaps(results: Results, family: tuple[str, str], reference: tuple[str
         One :class:`MatchedGap` per compared proxy within the reference range and OOD split.
     """
     compared = family_fidelity(results, *family, id_split, fidelity_metric)
-    references = sorted(family_fidelity(results, *reference, id_split, fidelity_metric).items(), key=lambda kv: kv[1])
-    require(bool(compared) and len(references) >= 2, f"matched_gaps: need {fidelity_metric!r} on {id_split!r} for the "
-            f"family {family} and for at least two proxies of the reference {reference}")
-    gaps = {(g.proxy, g.ood_split): g for g in results.gaps
-            if g.metric == metric and g.id_split == id_split and g.category == "all" and not g.hook}
-    xs = [x for _, x in references]
+    require(bool(compared) and len(family_fidelity(results, *reference, id_split, fidelity_metric)) >= 2,
+            f"matched_gaps: need {fidelity_metric!r} on {id_split!r} for the family {family} and for at least two "
+            f"proxies of the reference {reference}")
+    gaps = _gaps(results, metric, id_split)
     rows = []
     for proxy, x in compared.items():
-        if not xs[0] <= x <= xs[-1]:
-            continue
-        upper = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
-        (low_proxy, low_x), (high_proxy, high_x) = references[upper - 1], references[upper]
-        weight = 0.0 if high_x == low_x else (x - low_x) / (high_x - low_x)
-        for (name, ood_split), gap in gaps.items():
-            low, high = gaps.get((low_proxy, ood_split)), gaps.get((high_proxy, ood_split))
-            if name != proxy or low is None or high is None:
-                continue
-            rows.append(MatchedGap(proxy, x, ood_split, gap.value, gap.ci_low, gap.ci_high,
-                                   _between(low, high, weight, "value"), _between(low, high, weight, "ci_low"),
-                                   _between(low, high, weight, "ci_high"), (low_proxy, high_proxy)))
+        for at in gaps_at(results, reference, x, metric, id_split, fidelity_metric):
+            gap = gaps.get((proxy, at.ood_split))
+            if gap is not None:
+                rows.append(MatchedGap(proxy, x, at.ood_split, gap.value, gap.ci_low, gap.ci_high, at.value,
+                                       at.ci_low, at.ci_high, at.bracket))
     return rows
+
+
+@dataclass(frozen=True)
+class GapAt:
+    """A family's gap to one OOD split at a given fidelity, interpolated between the two proxies bracketing it.
+
+    Attributes:
+        fidelity: the fidelity it is taken at.
+        ood_split: the out-of-distribution split.
+        value, ci_low, ci_high: the interpolated gap and interval (see the module docstring).
+        bracket: the two proxies interpolated between.
+    """
+
+    fidelity: float
+    ood_split: str
+    value: float
+    ci_low: float
+    ci_high: float
+    bracket: tuple[str, str]
+
+
+def gaps_at(results: Results, family: tuple[str, str], fidelity: float, metric: str = "agreement",
+            id_split: str = "test", fidelity_metric: str = "explained_variance",
+            fidelity_split: str | None = None) -> list[GapAt]:
+    """``family``'s gap to every OOD split at in-distribution ``fidelity``: linear in fidelity between the two
+    proxies whose fidelities bracket it; empty when ``fidelity`` lies outside the family's range.
+
+    Args:
+        results: evaluated results holding the family, its fidelities and its gaps.
+        family: ``(method, hooks)`` as in the records.
+        fidelity: where to take the gap, in units of ``fidelity_metric``.
+        metric: the gapped metric.
+        id_split: the in-distribution split the gaps are taken from.
+        fidelity_metric: the fidelity measure (``explained_variance``, ``agreement``, ...).
+        fidelity_split: where fidelity is measured (default ``id_split``; the headline uses ``val``).
+    """
+    points = sorted(family_fidelity(results, *family, fidelity_split or id_split, fidelity_metric).items(),
+                    key=lambda kv: kv[1])
+    xs = [x for _, x in points]
+    if len(points) < 2 or not xs[0] <= fidelity <= xs[-1]:
+        return []
+    upper = min(max(bisect.bisect_left(xs, fidelity), 1), len(xs) - 1)
+    (low_proxy, low_x), (high_proxy, high_x) = points[upper - 1], points[upper]
+    weight = 0.0 if high_x == low_x else (fidelity - low_x) / (high_x - low_x)
+    gaps = _gaps(results, metric, id_split)
+    rows = []
+    for ood_split in dict.fromkeys(split for _, split in gaps):
+        low, high = gaps.get((low_proxy, ood_split)), gaps.get((high_proxy, ood_split))
+        if low is not None and high is not None:
+            rows.append(GapAt(fidelity, ood_split, _between(low, high, weight, "value"),
+                              _between(low, high, weight, "ci_low"), _between(low, high, weight, "ci_high"),
+                              (low_proxy, high_proxy)))
+    return rows
+
+
+def _gaps(results: Results, metric: str, id_split: str) -> dict[tuple[str, str], Gap]:
+    """``{(proxy, ood split): gap}`` of ``metric`` from ``id_split`` (category ``all``, no hook)."""
+    return {(g.proxy, g.ood_split): g for g in results.gaps
+            if g.metric == metric and g.id_split == id_split and g.category == "all" and not g.hook}
 
 
 def _between(low: Gap, high: Gap, weight: float, field: str) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from illusion_probe import stats
+from illusion_probe.analysis.matched import gaps_at
 from illusion_probe.artifacts import atomic_write_text
 from illusion_probe.errors import IllusionProbeError
 from illusion_probe.report.figures import (
@@ -25,7 +26,7 @@ from illusion_probe.report.figures import (
     projection_figure,
     sweep_figure,
 )
-from illusion_probe.results import DISAGREEMENT_RATIO, MATCHED, Gap, Results
+from illusion_probe.results import AGREEMENT_TARGET, DISAGREEMENT_RATIO, MATCHED, Gap, Results
 
 #: Significance level of the report's marked cells (after the stated correction).
 ALPHA = 0.05
@@ -162,7 +163,24 @@ def _headline_section(results: Results) -> str:
               "interval: near 1, differences understate change (0.9995 → 0.9967 is about 7x the disagreements).")
     header = ["method", "hooks", f"smallest size with ≥99% {selection} agreement", f"agreement {selection}",
               f"agreement {reference}"] + [h for split in ood for h in (split, "× disagreements")]
-    return f"<p class='note'>{rule}</p>" + _table(header, rows)
+    return f"<p class='note'>{rule}</p>" + _table(header, rows) + _matched_section(results, headline, reference, ood)
+
+
+def _matched_section(results: Results, headline: list[dict], reference: str, ood: list[str]) -> str:
+    """Each family's agreement gap at exactly the target agreement on the selection split, interpolated between its
+    two sizes bracketing it: families compared at matched in-distribution fidelity."""
+    selection = headline[0]["selected_on"]
+    rows = []
+    for row in headline:
+        at = {g.ood_split: g for g in gaps_at(results, (row["method"], row["hooks"]), AGREEMENT_TARGET, "agreement",
+                                                reference, "agreement", selection)}
+        rows.append([html.escape(row["method"]), html.escape(row["hooks"]),
+                     *(f"{_fmt(at[s].value)}<br><span class='ci'>[{_fmt(at[s].ci_low)}, {_fmt(at[s].ci_high)}]</span>"
+                       if s in at else "–" for s in ood)])
+    note = (f"<p class='note'>At matched fidelity: each family's agreement gap ({html.escape(reference)} − OOD) at "
+            f"exactly {AGREEMENT_TARGET:.0%} agreement on {html.escape(selection)}, linear in that agreement between "
+            "the family's two sizes that bracket it (interval likewise interpolated; – where no two sizes bracket it).</p>")
+    return note + _table(["method", "hooks", *ood], rows)
 
 
 def _direction(results: Results, gap: Gap, adjusted_p: float) -> str:

@@ -36,3 +36,13 @@ def test_the_reference_gap_is_interpolated_at_the_compared_fidelity() -> None:
 def test_a_family_without_fidelity_is_a_one_line_error() -> None:
     with pytest.raises(IllusionProbeError, match="need 'explained_variance' on 'test'"):
         matched_gaps(Results(records=[_record("pca(1)", "pca", 0.5)], gaps=[]), ("sae", "h"), ("pca", "h"))
+
+
+def test_a_family_gap_at_a_fidelity_between_two_sizes() -> None:
+    from illusion_probe.analysis.matched import gaps_at
+
+    records = [_record("pca(1)", "pca", 0.5), _record("pca(2)", "pca", 0.9)]
+    gaps = [_gap("pca(1)", "pca", 0.10), _gap("pca(2)", "pca", 0.30)]
+    (at,) = gaps_at(Results(records=records, gaps=gaps), ("pca", "h"), 0.6)
+    assert (at.ood_split, at.bracket) == ("ood", ("pca(1)", "pca(2)")) and at.value == pytest.approx(0.15)
+    assert gaps_at(Results(records=records, gaps=gaps), ("pca", "h"), 0.95) == []  # beyond the family's range
