@@ -74,6 +74,12 @@ def model_family(request: pytest.FixtureRequest) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def editable_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """A model whose attention patterns can be edited: HookedTransformer on TL 3.x, the native bridge on TL 4.x."""
+    return request.getfixturevalue("hooked_transformer" if "hooked" in available_backends() else "native_bridge")
+
+
+@pytest.fixture(scope="session")
 def random_train_split() -> Split:
     """24 random sequences of 12 tokens with ragged right padding (pad id 0 never occurs as a real token)."""
     generator = torch.Generator().manual_seed(0)

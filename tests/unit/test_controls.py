@@ -13,14 +13,14 @@ HOOK = "blocks.1.hook_resid_pre"
 
 
 @pytest.fixture(scope="module")
-def controlled(native_bridge, random_train_split) -> tuple[ip.Results, dict[str, ip.Proxy]]:
+def controlled(editable_model, random_train_split) -> tuple[ip.Results, dict[str, ip.Proxy]]:
     splits = {"train": random_train_split,
               "test": dataclasses.replace(random_train_split.head(12), name="test", role="id"),
               "ood": dataclasses.replace(random_train_split.select(slice(12, 24)), name="ood", role="ood")}
-    proxies = ip.fit_proxies(native_bridge, {"pca_full": {HOOK: ip.PCA(32)}, "pca_2": {HOOK: ip.PCA(2)},
+    proxies = ip.fit_proxies(editable_model, {"pca_full": {HOOK: ip.PCA(32)}, "pca_2": {HOOK: ip.PCA(2)},
                                              "onehot": {"blocks.0.attn.hook_pattern": ip.OneHotAttention()},
                                              "kmeans": {HOOK: ip.KMeans(3)}}, random_train_split)
-    results = ip.evaluate(native_bridge, proxies, splits, n_boot=30, metrics=["agreement", "kl"], progress=False,
+    results = ip.evaluate(editable_model, proxies, splits, n_boot=30, metrics=["agreement", "kl"], progress=False,
                           controls=["pca_full", "pca_2", "onehot", "kmeans"])
     return results, proxies
 

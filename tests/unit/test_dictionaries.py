@@ -13,7 +13,6 @@ import torch
 
 import illusion_probe as ip
 from illusion_probe.metrics import L0, DeadFraction, FrequencyShift, OODOnlyLatents
-from illusion_probe.models import available_backends
 from illusion_probe.sweeps import sweep_simplifiers
 
 MLP_OUT, MLP_IN = "blocks.0.hook_mlp_out", "blocks.0.ln2.hook_normalized"
@@ -69,12 +68,6 @@ FAMILIES = {
     "mean": ("blocks.1.hook_resid_pre", lambda: ip.MeanAblation()),
     "zero": ("blocks.0.hook_mlp_out", lambda: ip.ZeroAblation()),
 }
-
-
-@pytest.fixture
-def editable_model(request: pytest.FixtureRequest) -> torch.nn.Module:
-    """A model whose attention patterns can be edited: HookedTransformer on TL 3.x, the native bridge on TL 4.x."""
-    return request.getfixturevalue("hooked_transformer" if "hooked" in available_backends() else "native_bridge")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
