@@ -221,13 +221,13 @@ def evaluate(
             "confidence on an in-distribution split, and there is none; give a split with role 'id' or pass 0")
     require(isinstance(controls, Sequence) and not isinstance(controls, str),
             f"evaluate: controls must be a list of proxy names, got {controls!r}")
+    ids, chosen = _checked(backend, proxies, splits, task, metrics, answer_ids, ablation)
     control_plan = None
-    if controls:
-        require(isinstance(proxies, Mapping), "evaluate needs at least one proxy: {name: ip.Proxy}")
+    if controls:  # after every check: the controls fit proxies
         control_plan = plan_controls(backend, proxies, splits, list(dict.fromkeys(controls)), seed)
         proxies = {**proxies, **control_plan.proxies}
         splits = SplitSet([*splits.values(), *control_plan.splits])
-    plan = _plan(backend, proxies, splits, task, metrics, answer_ids, ablation, ablation_sequences,
+    plan = _plan(backend, proxies, splits, ids, chosen, ablation, ablation_sequences,
                  control_plan.scored_on if control_plan else {})
     records: list[Record] = []
     samples: dict[tuple[str, str, str, str, str], np.ndarray] = {}
@@ -291,10 +291,10 @@ def _split_set(splits: Any) -> SplitSet:
     return splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
 
 
-def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task: Task | None,
-          metrics: Sequence[str | AnyMetric] | None, answer_ids: Any, ablation: str,
-          ablation_sequences: int, scored_on: Mapping[str, frozenset[str]]) -> _Plan:
-    """Validate everything, fit the ablation baselines, and decide what every pass runs and watches."""
+def _checked(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task: Task | None,
+             metrics: Sequence[str | AnyMetric] | None, answer_ids: Any, ablation: str) -> tuple[Tensor, list[AnyMetric]]:
+    """Check the proxies, splits, answer ids and metrics before any work (one-line errors); returns the answer ids
+    and the metric objects."""
     require(isinstance(proxies, Mapping) and len(proxies) > 0, "evaluate needs at least one proxy: {name: ip.Proxy}; "
             "fit one with ip.fit_proxy")
     for name, proxy in proxies.items():
@@ -316,7 +316,12 @@ def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task
         require(bool(((targets >= 0) & (targets < backend.d_vocab_out)).all()),
                 f"evaluate: split {split.name!r} has targets outside the model's output vocabulary "
                 f"(d_vocab_out={backend.d_vocab_out})")
-    chosen = resolve_metrics(None if metrics is None else list(metrics))
+    return ids, resolve_metrics(None if metrics is None else list(metrics))
+
+
+def _plan(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, ids: Tensor, chosen: list[AnyMetric],
+          ablation: str, ablation_sequences: int, scored_on: Mapping[str, frozenset[str]]) -> _Plan:
+    """Fit the ablation baselines and decide what every pass runs and watches."""
     position = [m for m in chosen if isinstance(m, Metric)]
     hook_metrics = [m for m in chosen if isinstance(m, HookMetric)]
     watched = {name: {m.name: m.watched(_dictionary_hooks(p) if m.reference == "latents" else list(p.hook_names))
