@@ -75,6 +75,11 @@ class Transcoder(SparseDictionary):
         self._d_in = self._batch_inputs.shape[-1]
         return super().partial_fit(acts, mask)  # type: ignore[return-value]
 
+    def fit(self, acts: Float[Tensor, "*samples d_out"], mask: Bool[Tensor, "*samples"] | None = None, *,
+            inputs: Float[Tensor, "*samples d_in"] | None = None) -> Transcoder:
+        """Fit on MLP outputs ``acts`` and inputs ``inputs`` in one call. Returns ``self``."""
+        return self.partial_fit(acts, mask, inputs=inputs).finalize()  # type: ignore[return-value]
+
     def accumulate(self, x: Tensor) -> None:
         require(self._batch_inputs.shape[0] == x.shape[0],
                 f"{self.describe()}: inputs and outputs hold different numbers of samples")

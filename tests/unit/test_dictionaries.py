@@ -28,7 +28,7 @@ def test_a_transcoder_learns_a_sparse_map_from_input_to_output() -> None:
     atoms = torch.randn(16, 8, generator=generator)
     outputs = torch.randn(16, 6, generator=generator)
     y = torch.relu(x @ atoms.T - 2.0) @ outputs  # a sparse, nonlinear map: about 4 of 16 atoms per sample
-    transcoder = ip.Transcoder(32, k=8, epochs=40, lr=3e-3).partial_fit(y, inputs=x).finalize()
+    transcoder = ip.Transcoder(32, k=8, epochs=40, lr=3e-3).fit(y, inputs=x)
     y_hat = transcoder.replace(x, y)
     assert y_hat.shape == y.shape
     assert _explained_variance(y, y_hat) > 0.85
