@@ -42,7 +42,7 @@ def main() -> None:
 
     # 2. A small hooked transformer sized from the task (HookedTransformer on TL 3.x, TransformerBridge on 4.x).
     model_cfg = ip.ModelConfig(n_layers=2, d_model=64, n_heads=4, device=args.device)
-    train_cfg = ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.995)
+    train_cfg = ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_acc=0.995)
     if args.tiny:
         model_cfg = ip.ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, device=args.device)
         train_cfg = ip.TrainConfig(max_steps=20, warmup_steps=2, batch_size=32, eval_every=10, eval_sequences=60,

@@ -89,7 +89,7 @@ def main() -> None:
                  else ip.ModelConfig(n_layers=2, d_model=64, n_heads=4))
     train_cfg = (ip.TrainConfig(max_steps=20, warmup_steps=2, batch_size=32, eval_every=10, eval_sequences=60,
                                 progress=False) if args.tiny
-                 else ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.995))
+                 else ip.TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_acc=0.995))
     model = ip.build_model(task, model_cfg)
     ip.train(model, splits, train_cfg, task=task)
 

@@ -43,7 +43,10 @@ class TrainConfig:
         eval_every: evaluate every split every this many steps (and after the last step).
         eval_batch_size: sequences per forward pass when evaluating.
         eval_sequences: sequences of each split used by evaluation during training (the first ones).
-        target_test_acc: stop once ``test`` accuracy reaches this; ``None`` trains all ``max_steps``.
+        target_acc: stop once accuracy on ``stop_split`` reaches this; ``None`` trains all ``max_steps``
+            (a fixed budget, e.g. to train past the in-distribution plateau).
+        stop_split: the split early stopping watches: ``"val"`` by default, so ``test`` is never used
+            for a decision.
         seed: seeds the batch order.
         progress: show a progress bar.
 
@@ -61,7 +64,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_batch_size: int = 500
     eval_sequences: int = 1_000
-    target_test_acc: float | None = None
+    target_acc: float | None = None
+    stop_split: str = "val"
     seed: int = 0
     progress: bool = True
 
@@ -77,8 +81,8 @@ class TrainConfig:
         require(self.schedule in SCHEDULES, f"TrainConfig.schedule {self.schedule!r} is unknown; choose one of {SCHEDULES}")
         require(0 <= self.min_lr_ratio <= 1, f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.grad_clip >= 0, f"TrainConfig.grad_clip must be >= 0, got {self.grad_clip}")
-        require(self.target_test_acc is None or 0 < self.target_test_acc <= 1,
-                f"TrainConfig.target_test_acc must be in (0, 1] or None, got {self.target_test_acc}")
+        require(self.target_acc is None or 0 < self.target_acc <= 1,
+                f"TrainConfig.target_acc must be in (0, 1] or None, got {self.target_acc}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimiser step ``step`` (0-based)."""
@@ -125,8 +129,9 @@ def lm_loss(backend: Backend, batch: Split) -> Tensor:
 
 def _check(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig, task: Task | None) -> None:
     require("train" in splits, f"train needs a 'train' split; got {', '.join(splits)}")
-    require(cfg.target_test_acc is None or "test" in splits,
-            "TrainConfig.target_test_acc needs a 'test' split to watch")
+    require(cfg.target_acc is None or cfg.stop_split in splits,
+            f"TrainConfig.target_acc watches the split {cfg.stop_split!r}, which the splits lack "
+            f"({', '.join(splits)}); set stop_split to one of them")
     backend = Backend.of(model)
     require(splits.max_len <= backend.n_ctx,
             f"the model's n_ctx={backend.n_ctx} is shorter than the longest sequence in the splits "
@@ -197,8 +202,9 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
                             "train_time_s": round(train_time, 3),
                             "wall_time_s": round(time.perf_counter() - start, 3), "acc": acc})
             losses = []
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", **{k: f"{v:.3f}" for k, v in acc.items() if k == "test"})
-            if cfg.target_test_acc is not None and acc["test"] >= cfg.target_test_acc:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
+                            **{k: f"{v:.3f}" for k, v in acc.items() if k == cfg.stop_split})
+            if cfg.target_acc is not None and acc[cfg.stop_split] >= cfg.target_acc:
                 break
     finally:
         bar.close()

@@ -11,6 +11,6 @@ def test_quick_preset_trains_to_99_percent() -> None:
     task = DyckTask(DyckConfig.preset("quick"))
     splits = task.make_splits(seed=0)
     model = build_model(task, ModelConfig(n_layers=2, d_model=64, n_heads=4))
-    cfg = TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_test_acc=0.99, progress=False)
+    cfg = TrainConfig(lr=3e-3, max_steps=3000, warmup_steps=200, target_acc=0.99, progress=False)
     history = train(model, splits, cfg, task=task)
     assert accuracy(model, splits["test"], task.answer_ids) >= 0.99, history[-1]

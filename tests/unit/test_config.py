@@ -10,11 +10,11 @@ from illusion_probe.study import load_study
 
 
 def test_presets_live_once_as_toml() -> None:
-    assert preset_names("dyck") == ["paper", "quick", "tiny"] and preset_names("code") == ["paper", "quick", "tiny"]
+    assert preset_names("dyck") == ["paper", "quick", "quick_long", "tiny"] and preset_names("code") == ["paper", "quick", "tiny"]
     study = load_study("dyck", "quick")
     assert study.task == ip.DyckConfig.preset("quick") and study.task_kind == "dyck"
     assert isinstance(study.build_task(), ip.DyckTask)
-    assert study.train.target_test_acc == 0.995 and study.proxies.kq_pca_sizes == (1, 2, 4, 8, 16)
+    assert study.train.target_acc == 0.995 and study.proxies.kq_pca_sizes == (1, 2, 4, 8, 16)
 
 
 def test_a_user_file_then_set_overrides_replace_single_settings(tmp_path) -> None:

@@ -45,9 +45,18 @@ def test_same_seed_same_history(splits) -> None:
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
 
 
-def test_early_stop_at_target_test_accuracy(splits) -> None:
-    cfg = TrainConfig(**{**FAST.__dict__, "target_test_acc": 0.01})
+def test_early_stop_at_target_accuracy(splits) -> None:
+    cfg = TrainConfig(**{**FAST.__dict__, "target_acc": 0.01})
     assert [r["step"] for r in train(build_model(TASK, TINY), splits, cfg, task=TASK)] == [10]
+
+
+@pytest.mark.parametrize("stop_split", ["val", "test"])
+def test_early_stop_watches_its_split(splits, stop_split: str) -> None:
+    full = train(build_model(TASK, TINY), splits, FAST, task=TASK)
+    target = max(record["acc"][stop_split] for record in full[:-1])
+    cfg = TrainConfig(**{**FAST.__dict__, "target_acc": target, "stop_split": stop_split})
+    first = next(r["step"] for r in full if r["acc"][stop_split] >= target)
+    assert [r["step"] for r in train(build_model(TASK, TINY), splits, cfg, task=TASK)][-1] == first
 
 
 def test_plain_token_split_scores_the_whole_vocabulary() -> None:
@@ -93,8 +102,8 @@ def test_model_context_shorter_than_the_splits_is_refused(splits) -> None:
     ("make_splits", "cfg", "message"),
     [
         (lambda s: SplitSet([s["test"]]), FAST, "needs a 'train' split"),
-        (lambda s: SplitSet([s["train"]]), TrainConfig(target_test_acc=0.9, progress=False),
-         "needs a 'test' split"),
+        (lambda s: SplitSet([s["train"], s["test"]]), TrainConfig(target_acc=0.9, progress=False),
+         "watches the split 'val', which the splits lack"),
     ],
 )
 def test_bad_splits_are_refused(splits, make_splits, cfg, message: str) -> None:
@@ -115,7 +124,7 @@ def test_cuda_without_a_gpu_is_refused(splits) -> None:
         ({"warmup_steps": 10, "max_steps": 10}, "warmup_steps must be in"),
         ({"schedule": "step"}, "schedule 'step' is unknown"),
         ({"lr": 0.0}, "lr must be positive"),
-        ({"target_test_acc": 1.5}, "target_test_acc must be in"),
+        ({"target_acc": 1.5}, "target_acc must be in"),
         ({"min_lr_ratio": 2.0}, "min_lr_ratio must be in"),
     ],
 )
