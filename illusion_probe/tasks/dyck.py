@@ -6,14 +6,22 @@ fully determined by the prefix) and is the argmax over the closing tokens.
 
 Splits (every sequence unique within and across splits; lengths count the BOS token):
 
-- ``train`` / ``val`` / ``test``: ``min_len <= length <= max_len``, depth ``<= m``, no held-out skeleton
-  (``val``, role ``val``, chooses the headline proxies; ``test``, role ``id``, is the side gaps are taken from).
-- ``ood_unseen_structure``: same bounds, at least one top-level block with a held-out skeleton.
+- ``train``: ``min_len <= length <= max_len``, depth ``<= m``, no held-out skeleton (at the top level;
+  at any depth with ``holdout_nested``).
+- ``val`` / ``test``: as ``train``, and every top-level skeleton also occurs in ``train`` (seen structures
+  only, as in Murty et al.). ``val`` (role ``val``) is for decisions: early stopping and the headline
+  proxies; ``test`` (role ``id``) is the in-distribution side of every gap.
+- ``ood_unseen_structure``: same bounds, at least one top-level block with a held-out skeleton (so one
+  never seen in ``train``), length-matched to ``test``: as many sequences of each length as ``test``
+  has, scaled, over the lengths that can hold a held-out skeleton (when a length runs out of unique
+  sequences, the rest come from any length; ``meta["off_quota"]`` counts them).
 - ``ood_longer``: the same process with ``min_len = max_len + 1`` and length ``<= ood_max_len``.
 - ``ood_deeper``: the process with depth bound ``ood_max_depth``, length ``<= max_len``,
   keeping only sequences deeper than ``m``.
 
-Neither OOD length nor depth split contains a held-out skeleton, so each shifts one factor.
+Neither OOD length nor depth split contains a held-out skeleton, so each shifts one factor. Every
+split's ``meta`` states its length distribution (``length_counts``); ``ood_unseen_structure``'s also
+the sizes of its held-out skeleton occurrences (``held_out_pairs``) and the share of the most frequent one.
 
 Per-position labels: ``depth`` and ``match_pos`` (integers), and the position categories
 ``deeper_than_trained`` (the bracket closed next is nested deeper than ``m``) and
@@ -22,8 +30,9 @@ Per-position labels: ``depth`` and ``match_pos`` (integers), and the position ca
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -49,6 +58,7 @@ from illusion_probe.tasks.dyck_sampler import (
 _SAMPLE_BATCH = 8192
 _CANDIDATE_BUDGET = 20_000_000  # candidates drawn for one split before giving up
 _STALL_BUDGET = 1_000_000  # give up earlier once this many draws in a row add no new sequence
+_QUOTA_PATIENCE = 100_000  # draws in a row without a new sequence before a length quota is given up
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,8 @@ class DyckConfig:
         min_len: the process may stop only once a sequence has this many tokens.
         holdout_fraction: share of eligible top-level block skeletons held out of training, in (0, 1).
         holdout_min_pairs: skeletons with fewer bracket pairs are never held out (``"()"``, ``"(())"``).
+        holdout_nested: also keep held-out skeletons out of every in-distribution, longer and deeper
+            sequence where they occur nested inside another block, so they never occur in ``train`` at all.
         n_train: sequences in ``train``.
         n_test: sequences in ``test``, and in ``val`` (in distribution like ``test``; headline proxies are
             chosen on it, so that ``test``, the in-distribution side of every gap, is not also the selection split).
@@ -77,6 +89,7 @@ class DyckConfig:
     min_len: int = 8
     holdout_fraction: float = 0.25
     holdout_min_pairs: int = 3
+    holdout_nested: bool = False
     n_train: int = 20_000
     n_test: int = 1_000
     n_ood: int = 1_000
@@ -137,6 +150,7 @@ class _SplitRecipe:
     n: int
     spec: SamplerSpec
     keep: Callable[[SampleBatch], Tensor]
+    quota: dict[int, int] = field(default_factory=dict)  # sequences per length; empty: any lengths
 
 
 @register_task
@@ -188,38 +202,54 @@ class DyckTask(Task):
         return self.config.holdout.is_held_out(skeleton)
 
     def make_splits(self, seed: int = 0) -> SplitSet:
-        """``train``, ``test``, ``ood_unseen_structure``, ``ood_longer``, ``ood_deeper``; see the module docstring.
+        """``train``, ``val``, ``test``, ``ood_unseen_structure``, ``ood_longer``, ``ood_deeper``; see the
+        module docstring.
 
-        Each split draws from its own generator seeded by ``seed`` and its index, in this order,
+        Each split draws from its own generator seeded by ``seed`` and its index (``train``, ``test``,
+        ``ood_unseen_structure``, ``ood_longer``, ``ood_deeper``, ``val``: the order they are drawn in),
         skipping any sequence an earlier split (or itself) already holds.
         """
         cfg = self.config
-        train_spec = SamplerSpec(cfg.k, cfg.m, cfg.min_len, cfg.max_len)
-        recipes = [
-            _SplitRecipe("train", "train", cfg.n_train, train_spec, lambda b: ~b.has_held_out),
-            _SplitRecipe("test", "id", cfg.n_test, train_spec, lambda b: ~b.has_held_out),
-            _SplitRecipe("ood_unseen_structure", "ood", cfg.n_ood, train_spec, lambda b: b.has_held_out),
-            _SplitRecipe("ood_longer", "ood", cfg.n_ood, SamplerSpec(cfg.k, cfg.m, cfg.max_len + 1, cfg.ood_max_len),
-                         lambda b: ~b.has_held_out),
-            _SplitRecipe("ood_deeper", "ood", cfg.n_ood, SamplerSpec(cfg.k, cfg.ood_max_depth, cfg.min_len,
-                                                                     cfg.max_len),
-                         lambda b: ~b.has_held_out & (b.max_depth > cfg.m)),
-            # Drawn last, so that adding it left every other split of a seed as it was.
-            _SplitRecipe("val", "val", cfg.n_test, train_spec, lambda b: ~b.has_held_out),
-        ]
-        seen: set[bytes] = set()
-        drawn = {}
-        for index, recipe in enumerate(recipes):
-            generator = torch.Generator().manual_seed(_split_seed(seed, index))
-            drawn[recipe.name] = self._build_split(recipe, self._draw(recipe, generator, seen))
+        in_distribution = SamplerSpec(cfg.k, cfg.m, cfg.min_len, cfg.max_len)
+
+        def allowed(batch: SampleBatch) -> Tensor:
+            return ~(batch.held_out_anywhere if cfg.holdout_nested else batch.has_held_out)
+
+        def seen_only(batch: SampleBatch) -> Tensor:
+            return allowed(batch) & _only_skeletons(batch.tokens, cfg.k, trained)
+
+        sequences: set[bytes] = set()
+        drawn: dict[str, Split] = {}
+
+        def draw(recipe: _SplitRecipe) -> Split:
+            generator = torch.Generator().manual_seed(_split_seed(seed, len(drawn)))
+            drawn[recipe.name] = self._build_split(recipe, self._draw(recipe, generator, sequences))
+            return drawn[recipe.name]
+
+        train = draw(_SplitRecipe("train", "train", cfg.n_train, in_distribution, allowed))
+        trained = {s for row in train.tokens.tolist() for s in _skeletons(row, cfg.k)}
+        test = draw(_SplitRecipe("test", "id", cfg.n_test, in_distribution, seen_only))
+        draw(_SplitRecipe("ood_unseen_structure", "ood", cfg.n_ood, in_distribution, lambda b: b.has_held_out,
+                          quota=_length_quota(test.lengths, cfg.n_ood, shortest=2 * cfg.holdout_min_pairs + 1)))
+        draw(_SplitRecipe("ood_longer", "ood", cfg.n_ood, SamplerSpec(cfg.k, cfg.m, cfg.max_len + 1, cfg.ood_max_len),
+                          allowed))
+        draw(_SplitRecipe("ood_deeper", "ood", cfg.n_ood,
+                          SamplerSpec(cfg.k, cfg.ood_max_depth, cfg.min_len, cfg.max_len),
+                          lambda b: allowed(b) & (b.max_depth > cfg.m)))
+        # Drawn last, so that adding it left every other split of a seed as it was.
+        draw(_SplitRecipe("val", "val", cfg.n_test, in_distribution, seen_only))
         order = ["train", "val", "test", "ood_unseen_structure", "ood_longer", "ood_deeper"]
         return SplitSet([drawn[name] for name in order]).with_trained_length_label("train")
 
     def _draw(self, recipe: _SplitRecipe, generator: torch.Generator, seen: set[bytes]) -> Tensor:
-        """``[n, max_len]`` unique sequences meeting ``recipe.keep``; adds them to ``seen``."""
+        """``[n, max_len]`` unique sequences meeting ``recipe.keep`` (and its length quota); adds them to ``seen``."""
         kept: list[Tensor] = []
+        per_length: Counter[int] = Counter()
+        quota = recipe.quota
         n_kept = drawn = stalled = 0
         while n_kept < recipe.n:
+            if quota and stalled >= _QUOTA_PATIENCE:  # some length ran out of sequences: fill up with any length
+                quota = {}
             if drawn >= _CANDIDATE_BUDGET or stalled >= _STALL_BUDGET:
                 raise IllusionProbeError(
                     f"Dyck split {recipe.name!r}: only {n_kept} of {recipe.n} unique sequences in {drawn:,} draws; "
@@ -229,9 +259,11 @@ class DyckTask(Task):
             drawn += _SAMPLE_BATCH
             rows = batch.tokens[recipe.keep(batch)]
             fresh = []
-            for i, key in enumerate(_row_keys(rows)):
-                if key not in seen and n_kept + len(fresh) < recipe.n:
+            for i, (key, length) in enumerate(zip(_row_keys(rows), (rows != PAD_ID).sum(1).tolist(), strict=True)):
+                room = (per_length[length] < quota.get(length, 0) if quota else n_kept + len(fresh) < recipe.n)
+                if room and key not in seen:
                     seen.add(key)
+                    per_length[length] += 1
                     fresh.append(i)
             kept.append(rows[fresh])
             n_kept += len(fresh)
@@ -253,9 +285,15 @@ class DyckTask(Task):
             "observed_max_depth": int(depth.max()),
             "holdout_fraction": self.config.holdout_fraction, "holdout_min_pairs": self.config.holdout_min_pairs,
         }
+        meta["length_counts"] = {str(n): c for n, c in sorted(Counter(lengths.tolist()).items())}
         if recipe.name == "ood_unseen_structure":
-            held = {s for row in tokens.tolist() for s in _skeletons(row, k) if self.is_held_out(s)}
+            held = Counter(s for row in tokens.tolist() for s in _skeletons(row, k) if self.is_held_out(s))
             meta["held_out_skeletons_seen"] = len(held)
+            meta["held_out_pairs"] = {str(n): c for n, c in sorted(Counter(len(s) // 2 for s in held.elements()).items())}
+            meta["most_frequent_held_out_share"] = round(held.most_common(1)[0][1] / held.total(), 4)
+            meta["length_matched_to"] = "test"
+            counts = Counter(lengths.tolist())
+            meta["off_quota"] = sum(max(0, c - recipe.quota.get(n, 0)) for n, c in counts.items())
         split = Split(name=recipe.name, role=recipe.role, tokens=tokens, eval_mask=eval_mask, targets=targets,
                       real_mask=real, labels={"depth": depth.to(torch.int16), "match_pos": match_pos.to(torch.int16),
                                               "deeper_than_trained": depth > self.config.m},
@@ -272,6 +310,27 @@ def _row_keys(rows: Tensor) -> list[bytes]:
     array = rows.numpy().astype(np.int16)
     lengths = (rows != PAD_ID).sum(dim=1).tolist()
     return [row[:n].tobytes() for row, n in zip(array, lengths, strict=True)]
+
+
+def _only_skeletons(tokens: Int[Tensor, "n pos"], k: int, allowed: set[str]) -> Tensor:
+    """``[n]`` True where every top-level skeleton of the sequence is in ``allowed``."""
+    return torch.tensor([all(s in allowed for s in _skeletons(row, k)) for row in tokens.tolist()], dtype=torch.bool)
+
+
+def _length_quota(lengths: Int[Tensor, " n"], n: int, shortest: int) -> dict[int, int]:
+    """``n`` sequences spread over lengths as ``lengths`` are, restricted to lengths ``>= shortest``
+    (largest remainders round the shares)."""
+    counts = Counter(length for length in lengths.tolist() if length >= shortest)
+    require(bool(counts), f"Dyck split 'ood_unseen_structure': no test sequence is long enough ({shortest} tokens) "
+                          "to hold a held-out skeleton, so none can be length-matched; lower holdout_min_pairs, "
+                          "raise min_len or n_test")
+    total = sum(counts.values())
+    shares = {length: n * c / total for length, c in counts.items()}
+    quota = {length: int(share) for length, share in shares.items()}
+    by_remainder = sorted(shares, key=lambda length: (quota[length] - shares[length], length))
+    for length in by_remainder[: n - sum(quota.values())]:
+        quota[length] += 1
+    return quota
 
 
 def _skeletons(ids: list[int], k: int) -> list[str]:

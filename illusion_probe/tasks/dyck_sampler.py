@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -113,12 +113,15 @@ class SampleBatch:
         max_depth: ``[n]`` deepest nesting reached.
         has_held_out: ``[n]`` True when some top-level block has a held-out skeleton
             (all False when sampled without a hold-out rule).
+        held_out_anywhere: ``[n]`` True when some block at any depth, nested ones included, has a
+            held-out skeleton (so ``has_held_out`` implies it).
     """
 
     tokens: Int[Tensor, "n max_len"]
     lengths: Int[Tensor, " n"]
     max_depth: Int[Tensor, " n"]
     has_held_out: Bool[Tensor, " n"]
+    held_out_anywhere: Bool[Tensor, " n"]
 
 
 def sample_batch(
@@ -145,9 +148,10 @@ def sample_batch(
     tokens = torch.from_numpy(tokens).view(n, width)
     tokens[:, 0] = BOS_ID
     deepest = depth.amax(dim=1).long()
-    has_held_out = (torch.zeros(n, dtype=torch.bool) if holdout is None
-                    else _held_out_blocks(depth, holdout).any(dim=1))
-    return SampleBatch(tokens, lengths, deepest, has_held_out)
+    if holdout is None:
+        return SampleBatch(tokens, lengths, deepest, *torch.zeros(2, n, dtype=torch.bool))
+    held = _held_out_blocks(depth, holdout)
+    return SampleBatch(tokens, lengths, deepest, (held & (depth == 0)).any(dim=1), held.any(dim=1))
 
 
 def reference_sample(spec: SamplerSpec, rng: random.Random) -> list[int] | None:
@@ -217,7 +221,8 @@ def _chunk_table(max_depth: int, first_stop: int, dtype: torch.dtype) -> tuple[T
 
 
 def _held_out_blocks(depth: Tensor, holdout: SkeletonHoldout) -> Tensor:
-    """``[n, pos]`` True at the last token of each top-level block whose skeleton is held out.
+    """``[n, pos]`` True at the last token of each block (a bracket pair and what it encloses, at any
+    depth) whose skeleton is held out; the top-level blocks are those ending at depth 0.
 
     ``depth`` is :func:`_depth_paths`' output: depth after each token, -1 past the end.
 
@@ -238,14 +243,16 @@ def _held_out_blocks(depth: Tensor, holdout: SkeletonHoldout) -> Tensor:
     start_pow = torch.tensor([holdout.initial_hash * pow(_BASE, j, _P) % _P for j in range(width + 1)])
     codes = opens.long() + 2 * closes.long()
     prefix = torch.remainder((codes * inverse_pow).cumsum(dim=1), _P)
-    ends = closes & (depth == 0)
-    last_zero = torch.where(depth == 0, positions, 0).cummax(dim=1).values
-    before = torch.zeros_like(last_zero)
-    before[:, 1:] = last_zero[:, :-1]  # position just before the block that ends here
+    # A block closing at e (depth d after it) opens right after the last earlier position at depth d.
+    before = torch.zeros_like(positions)
+    for level in range(int(depth.max()) + 1):
+        at_level = depth == level
+        last = torch.where(at_level, positions, 0).cummax(dim=1).values
+        before[:, 1:] = torch.where(at_level[:, 1:], last[:, :-1], before[:, 1:])
     inner = torch.remainder(prefix - prefix.gather(1, before), _P) * base_pow[:width] % _P
     size = positions - before
     block_hash = (inner + start_pow[size]) % _P
-    return ends & (size >= 2 * holdout.min_pairs) & (_finalise(block_hash) < holdout.threshold)
+    return closes & (size >= 2 * holdout.min_pairs) & (_finalise(block_hash) < holdout.threshold)
 
 
 def iter_batches(
@@ -256,8 +263,7 @@ def iter_batches(
     while remaining > 0:
         batch = sample_batch(spec, batch_size, generator, holdout)
         if len(batch.lengths) > remaining:
-            batch = SampleBatch(*(x[:remaining] for x in (batch.tokens, batch.lengths, batch.max_depth,
-                                                         batch.has_held_out)))
+            batch = SampleBatch(*(getattr(batch, field.name)[:remaining] for field in fields(batch)))
         remaining -= len(batch.lengths)
         yield batch
 

@@ -26,19 +26,18 @@ def reference(ids: list[int], k: int) -> dict:
     real = [i for i in ids if i != pad]
     assert real[0] == bos and bos not in real[1:], "BOS only at the start"
     assert ids[len(real):] == [pad] * (len(ids) - len(real)), "padding only on the right"
-    stack: list[tuple[int, int]] = []  # (type, position)
-    depth, skeletons, block, deepest = [], [], "", 0
+    stack: list[tuple[int, int]] = []  # (type, where its "(" is in `chars`)
+    depth, skeletons, blocks, chars, deepest = [], [], [], "", 0
     for pos, tok in enumerate(real):
         if pos > 0 and tok < first_close:
-            stack.append((tok - 2, pos))
-            block += "("
+            stack.append((tok - 2, len(chars)))
+            chars += "("
         elif pos > 0:
             assert stack and stack[-1][0] == tok - first_close, "close must match the top of the stack"
-            stack.pop()
-            block += ")"
+            chars += ")"
+            blocks.append(chars[stack.pop()[1]:])
             if not stack:
-                skeletons.append(block)
-                block = ""
+                skeletons.append(blocks[-1])
         depth.append(len(stack))
         deepest = max(deepest, len(stack))
     assert not stack, "sequence must be balanced"
@@ -50,7 +49,8 @@ def reference(ids: list[int], k: int) -> dict:
         if next_closes[pos]:  # the open at the same depth most recently
             match_pos[pos] = max(j for j in range(1, pos + 1) if real[j] < first_close and depth[j] == depth[pos])
     return {"len": len(real), "depth": depth + [0] * (n - len(real)), "next_closes": next_closes,
-            "targets": targets, "match_pos": match_pos, "skeletons": skeletons, "deepest": deepest}
+            "targets": targets, "match_pos": match_pos, "skeletons": skeletons, "blocks": blocks,
+            "deepest": deepest}
 
 
 def check_splits(task: DyckTask, splits) -> None:
@@ -87,10 +87,32 @@ def check_splits(task: DyckTask, splits) -> None:
             assert ref["len"] <= long_bound
             if name not in ("ood_longer",):
                 assert ref["len"] >= cfg.min_len
+    trained = {s for r in parsed["train"] for s in r["skeletons"]}
+    for name in ("val", "test"):
+        unseen = [s for r in parsed[name] for s in r["skeletons"] if s not in trained]
+        assert not unseen, f"{name}: top-level skeletons never seen in train: {unseen[:5]}"
+    if cfg.holdout_nested:
+        for name in ("train", "val", "test", "ood_longer", "ood_deeper"):
+            nested = [b for r in parsed[name] for b in r["blocks"] if task.is_held_out(b)]
+            assert not nested, f"{name}: held-out skeletons nested inside blocks: {nested[:5]}"
+    check_length_matching(splits, [r["len"] for r in parsed["test"]], [r["len"] for r in parsed["ood_unseen_structure"]],
+                          shortest=2 * cfg.holdout_min_pairs + 1)
     longest_train = max(r["len"] for r in parsed["train"])
     assert all(r["len"] > longest_train for r in parsed["ood_longer"])
     assert all(r["len"] > cfg.max_len for r in parsed["ood_longer"])
     assert all(r["deepest"] > cfg.m for r in parsed["ood_deeper"])
+
+
+def check_length_matching(splits, test_lengths: list[int], unseen_lengths: list[int], shortest: int) -> None:
+    """``ood_unseen_structure`` has ``test``'s share of each length long enough for a held-out skeleton,
+    to within rounding, unless its meta counts sequences placed off quota."""
+    meta = splits["ood_unseen_structure"].meta
+    feasible = [n for n in test_lengths if n >= shortest]
+    assert meta["length_counts"] == {str(n): unseen_lengths.count(n) for n in sorted(set(unseen_lengths))}
+    if meta["off_quota"] == 0:
+        for length in set(feasible) | set(unseen_lengths):
+            expected = len(unseen_lengths) * feasible.count(length) / len(feasible)
+            assert abs(unseen_lengths.count(length) - expected) < 1, f"length {length}"
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +181,28 @@ def test_vectorised_hold_out_flag_equals_the_python_definition() -> None:
     flags = [any(task.is_held_out(s) for s in reference(row, 3)["skeletons"]) for row in batch.tokens.tolist()]
     assert flags == batch.has_held_out.tolist()
     assert 0 < sum(flags) < len(flags)
+
+
+def test_vectorised_nested_hold_out_flag_equals_the_python_definition() -> None:
+    task = DyckTask(SMALL)
+    batch = sample_batch(SamplerSpec(3, 3, 3, 20), 4000, torch.Generator().manual_seed(1), SMALL.holdout)
+    flags = [any(task.is_held_out(b) for b in reference(row, 3)["blocks"]) for row in batch.tokens.tolist()]
+    assert flags == batch.held_out_anywhere.tolist()
+    assert sum(batch.has_held_out.tolist()) < sum(flags) < len(flags)
+
+
+def test_nested_hold_out_keeps_held_out_skeletons_out_of_every_block() -> None:
+    task = DyckTask(dataclasses.replace(SMALL, holdout_nested=True))
+    check_splits(task, task.make_splits(seed=0))
+
+
+def test_unseen_structure_split_states_its_distributions(small_splits) -> None:
+    _, splits = small_splits
+    meta = splits["ood_unseen_structure"].meta
+    assert sum(meta["held_out_pairs"].values()) >= len(splits["ood_unseen_structure"])
+    assert min(int(p) for p in meta["held_out_pairs"]) >= SMALL.holdout_min_pairs
+    assert 0 < meta["most_frequent_held_out_share"] <= 1
+    assert all(sum(split.meta["length_counts"].values()) == len(split) for split in splits.values())
 
 
 def test_tiny_skeletons_are_never_held_out() -> None:
