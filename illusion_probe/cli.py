@@ -92,13 +92,35 @@ def print_summary(results, files: Sequence[Path]) -> None:
 def _reproduce(args: argparse.Namespace) -> int:
     from illusion_probe.pipeline import analyse_stage, evaluate_stage, fit_stage, report_stage, train_stage
 
+    by_seed = {}
     for run in _runs(args):
         model, info = train_stage(run, allow_training=args.command != "evaluate")
         proxies = fit_stage(run, model)
         results = evaluate_stage(run, model, proxies, info)
         files = report_stage(run, results, analyse_stage(run, model))
         print_summary(results, files)
+        by_seed[run.seed] = results
+    if len(by_seed) > 1:
+        print_seed_agreement(by_seed, Path(args.out) / "seeds.json")
     return 0
+
+
+def print_seed_agreement(by_seed: dict, path: Path) -> None:
+    """How many seeds find each featured family less faithful out of distribution (plain gap, after Holm within
+    each seed), printed and written with every seed's gaps and adjusted p-values to ``path``."""
+    from illusion_probe.analysis.verdicts import ALPHA, seed_agreement
+    from illusion_probe.artifacts import write_json
+
+    rows = seed_agreement(by_seed)
+    write_json(path, {"seeds": sorted(by_seed), "alpha": ALPHA, "correction": "holm within each seed", "rows": rows})
+    plain = [row for row in rows if row["category"] == "all"]
+    print(f"\nagreement gap (test - OOD) across {len(by_seed)} seeds: seeds where the proxy is less / more faithful "
+          f"out of distribution (significant at {ALPHA:g} after Holm), and the gaps")
+    for row in plain:
+        gaps = " ".join(f"{v:+.4f}" for v in row["gaps"].values())
+        print(f"{row['family'][:48]:<48} {row['ood_split']:<22} worse {row['worse']}/{row['seeds']}  "
+              f"better {row['better']}/{row['seeds']}  {gaps}")
+    print(f"wrote: {path}")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from illusion_probe.analysis.projection import Projection, key_query_projection
+from illusion_probe.analysis.verdicts import featured_proxies
 from illusion_probe.artifacts import atomic_directory, read_json, write_json
 from illusion_probe.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from illusion_probe.controls import CATEGORIES
@@ -30,7 +31,7 @@ from illusion_probe.errors import ArtifactError, IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
 from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, mlp_out, resid_pre
 from illusion_probe.models import build_model, resolve_device
-from illusion_probe.report.html import featured_proxies, write_report
+from illusion_probe.report.html import write_report
 from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
 from illusion_probe.simplify.fitting import fit_proxies
@@ -274,10 +275,17 @@ def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], 
                                   gaps=[*results.gaps, *(g for g in controlled.gaps if g.category in CATEGORIES)])
     results = results.with_meta(fingerprint=run.stamps["evaluate"], study=run.study.to_dict(), seed=run.seed,
                                 train_seconds=train_info.get("train_seconds"),
+                                training_history=_accuracy_history(train_info),
                                 evaluate_seconds=round(time.perf_counter() - tick, 2))
     results.to_csv(run.out / "results.csv")
     results.to_json(path)  # last: a results.json that exists is a finished stage
     return results
+
+
+def _accuracy_history(train_info: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The training history without its timings, so that results stay the same from run to run."""
+    history = train_info.get("history")
+    return None if history is None else [{k: r[k] for k in ("step", "loss", "acc")} for r in history]
 
 
 def _evaluation_splits(run: Run) -> SplitSet:

@@ -11,6 +11,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from illusion_probe.analysis.matched import family_fidelity
+from illusion_probe.errors import IllusionProbeError
 from illusion_probe.results import Record, Results
 
 if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
@@ -159,6 +160,29 @@ def category_figure(results: Results, proxies: Sequence[str], metric: str = "agr
 def _cell(results: Results, split: str, proxy: str, metric: str, category: str) -> float | None:
     found = results.select(split=split, proxy=proxy, metric=metric, category=category)
     return found[0].value if found and _finite(found[0].value) else None
+
+
+def training_figure(results: Results) -> go.Figure | None:
+    """Accuracy of the model on every split over training (``meta["training_history"]``, as
+    :func:`illusion_probe.train` returns it), so an early-stopped model and a long-trained one can be told
+    apart; ``None`` when the results carry no history."""
+    history = results.meta.get("training_history")
+    if history is None:
+        return None
+    if not (isinstance(history, list) and all(isinstance(r, dict) and isinstance(r.get("step"), int)
+                                              and isinstance(r.get("acc"), dict) for r in history)):
+        raise IllusionProbeError("results meta 'training_history' should be a list of {step, acc} records, as "
+                                 "ip.train returns them; remove it or rerun the study")
+    order = {split: i for i, split in enumerate(results.splits)}  # the history's own key order is not kept by JSON
+    splits = sorted({name for r in history for name in r["acc"]}, key=lambda s: (order.get(s, len(order)), s))
+    fig = go.Figure()
+    for i, split in enumerate(splits):
+        points = [(r["step"], r["acc"][split]) for r in history if split in r["acc"]]
+        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                                 name=split, line={"color": PALETTE[i % len(PALETTE)]}))
+    fig.update_layout(xaxis_title="optimiser step", yaxis_title="model accuracy", height=380,
+                      margin={"t": 30, "b": 40})
+    return fig
 
 
 def projection_figure(projection: Projection) -> go.Figure:

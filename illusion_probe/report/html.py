@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from illusion_probe import stats
 from illusion_probe.analysis.matched import gaps_at
+from illusion_probe.analysis.verdicts import ALPHA, VERDICT_METRIC, direction, featured_proxies, verdict_gaps
 from illusion_probe.artifacts import atomic_write_text
 from illusion_probe.errors import IllusionProbeError
 from illusion_probe.report.figures import (
@@ -25,11 +26,9 @@ from illusion_probe.report.figures import (
     fidelity_figure,
     projection_figure,
     sweep_figure,
+    training_figure,
 )
 from illusion_probe.results import AGREEMENT_TARGET, DISAGREEMENT_RATIO, MATCHED, Gap, Results
-
-#: Significance level of the report's marked cells (after the stated correction).
-ALPHA = 0.05
 
 if TYPE_CHECKING:  # the report never imports torch; a projection is plain data
     import plotly.graph_objects as go
@@ -62,16 +61,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def featured_proxies(results: Results) -> list[str]:
-    """The headline proxy of each swept family plus every size-free proxy (one-hot attention, ablations)."""
-    chosen = [row["proxy"] for row in results.headline()]
-    sizeless = [r.proxy for r in results.records if r.size is None]
-    return list(dict.fromkeys([*chosen, *sizeless]))
-
-
-VERDICT_METRIC = "agreement"
-
-
 def _verdict_section(results: Results, proxies: list[str]) -> str:
     """The first screen: per featured proxy and OOD split, agreement in and out of distribution, the gap, and what
     the controls say about it."""
@@ -79,11 +68,7 @@ def _verdict_section(results: Results, proxies: list[str]) -> str:
     if not id_splits or not ood_splits:
         return "<p class='note'>No in-distribution and OOD split pair to compare.</p>"
     reference = id_splits[0]
-    gaps = {(g.proxy, g.category, g.ood_split): g for g in results.gaps
-            if g.metric == VERDICT_METRIC and g.id_split == reference and not g.hook}
-    marked = ("all", MATCHED, "refit_ceiling")  # where a positive gap means "less faithful out of distribution"
-    family = [g for (proxy, category, _), g in gaps.items() if proxy in proxies and category in marked]
-    adjusted = dict(zip(map(id, family), stats.holm([g.p_value for g in family]), strict=True))
+    gaps, adjusted = verdict_gaps(results, proxies)
 
     def value(split: str, proxy: str, metric: str) -> str:
         found = results.select(split=split, proxy=proxy, metric=metric, category="all")
@@ -98,7 +83,7 @@ def _verdict_section(results: Results, proxies: list[str]) -> str:
                      value(ood, proxy, VERDICT_METRIC)]
             for category in ("all", MATCHED, "refit_ceiling", "refit_closes", "random"):
                 gap = gaps.get((proxy, category, ood))
-                value_cell, interval = _gap_cell(results, gap, adjusted if category in marked else {})
+                value_cell, interval = _gap_cell(results, gap, adjusted)
                 cells.append(f"{value_cell}<br><span class='ci'>{interval}</span>" if gap else "–")
             cells.append(f"{value(reference, proxy, 'acc_model')} → {value(ood, proxy, 'acc_model')}")
             rows.append(cells)
@@ -108,7 +93,7 @@ def _verdict_section(results: Results, proxies: list[str]) -> str:
             "is refitted on half of the OOD split and scored on the other half; refit closes: what that refit "
             "recovers; random: the gap of the same form with random structure (docs/concepts.md). Red: less "
             f"faithful out of distribution, significant at {ALPHA:g} after a Holm correction across the "
-            f"{len(family)} gaps of the first three gap columns.{_ablation_note(proxies)}</p>")
+            f"{len(adjusted)} gaps of the first three gap columns.{_ablation_note(proxies)}</p>")
     table = _table(["proxy", "OOD split", f"agreement {reference}", "agreement OOD", "gap", "difficulty-matched gap",
                     "refit ceiling", "refit closes", "random baseline gap", "model accuracy"], rows)
     return f"{note}<div class='verdict'>{table}</div>"
@@ -183,21 +168,12 @@ def _matched_section(results: Results, headline: list[dict], reference: str, ood
     return note + _table(["method", "hooks", *ood], rows)
 
 
-def _direction(results: Results, gap: Gap, adjusted_p: float) -> str:
-    """``worse`` / ``better`` when the gap is significant after correction (``adjusted_p`` < ``ALPHA``) and says the
-    proxy is less / more faithful out of distribution."""
-    higher_is_better = results.metric_info(gap.metric).higher_is_better
-    if higher_is_better is None or not (math.isfinite(adjusted_p) and adjusted_p < ALPHA) or gap.value == 0:
-        return ""
-    return "worse" if (gap.value > 0) == higher_is_better else "better"
-
-
 def _gap_cell(results: Results, gap: Gap | None, adjusted: dict[int, float]) -> list[str]:
     """A gap's value (coloured when significant after correction) and its interval, as two cells."""
     if gap is None:
         return ["–", "–"]
-    direction = _direction(results, gap, adjusted.get(id(gap), float("nan")))
-    value = f"<span class='{direction}'>{_fmt(gap.value)}</span>" if direction else _fmt(gap.value)
+    verdict = direction(results, gap, adjusted.get(id(gap), float("nan")))
+    value = f"<span class='{verdict}'>{_fmt(gap.value)}</span>" if verdict else _fmt(gap.value)
     return [value, f"[{_fmt(gap.ci_low)}, {_fmt(gap.ci_high)}]"]
 
 
@@ -271,6 +247,9 @@ def render_report(results: Results, title: str = "illusion-probe report", projec
     if matched is not None:
         figures.append(("Faithfulness at matched in-distribution fidelity", matched))
     figures.append(("Accuracy per split", accuracy_figure(results, featured)))
+    training = training_figure(results)
+    if training is not None:
+        figures.append(("Model accuracy during training", training))
     if projection is not None:
         figures.append(("Keys and queries of the analysed head", projection_figure(projection)))
     by_category = category_figure(results, featured)

@@ -156,3 +156,33 @@ def test_the_headline_chooses_on_the_validation_split_when_there_is_one() -> Non
     (row,) = Results(records=[*base.records, *val], gaps=base.gaps, metrics=base.metrics).headline()
     assert (row["selected_on"], row["size"], row["selection_agreement"]) == ("val", 1, 0.995)  # size 1 reaches 99% there
     assert row["id_agreement"] == pytest.approx(0.93)  # and its agreement is still reported on test
+
+
+def test_training_figure_draws_every_split_over_training_and_refuses_a_malformed_history() -> None:
+    from illusion_probe.report.figures import training_figure
+
+    assert training_figure(_results()) is None  # no history: no figure
+    history = [{"step": 250, "loss": 1.0, "acc": {"train": 0.5, "ood_deeper": 0.4}},
+               {"step": 500, "loss": 0.5, "acc": {"train": 0.9, "ood_deeper": 0.7}}]
+    figure = training_figure(_results().with_meta(training_history=history))
+    assert figure is not None
+    assert [(t.name, list(t.x), list(t.y)) for t in figure.data] == [("train", [250, 500], [0.5, 0.9]),
+                                                                   ("ood_deeper", [250, 500], [0.4, 0.7])]
+    assert "Model accuracy during training" in render_report(_results().with_meta(training_history=history))
+    with pytest.raises(IllusionProbeError, match="training_history") as info:
+        render_report(_results().with_meta(training_history=[{"step": "late"}]))
+    assert "\n" not in str(info.value)
+
+
+def test_seed_agreement_counts_each_seeds_corrected_verdict_per_family() -> None:
+    from illusion_probe.analysis.verdicts import seed_agreement
+
+    base = _results()
+    by_seed = {seed: dataclasses.replace(base, gaps=[dataclasses.replace(base.gaps[0], value=value, p_value=p)])
+               for seed, (value, p) in enumerate([(0.4, 0.001), (0.4, 0.5), (-0.4, 0.001)])}
+    (row,) = seed_agreement(by_seed)  # one featured family with a gap: pca@h (its headline proxy pca(4)@h)
+    assert (row["family"], row["ood_split"], row["category"]) == ("pca@h", "ood_deeper", "all")
+    assert (row["seeds"], row["worse"], row["not_significant"], row["better"]) == (3, 1, 1, 1)
+    assert row["gaps"] == {0: 0.4, 1: 0.4, 2: -0.4} and row["proxies"] == {s: "pca(4)@h" for s in range(3)}
+    with pytest.raises(IllusionProbeError, match="at least one seed"):
+        seed_agreement({})
