@@ -63,3 +63,6 @@ def test_seeds_get_their_own_directories(tmp_path) -> None:
     first, second = (json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1))
     assert first["meta"]["seed"] == 0 and second["meta"]["seed"] == 1
     assert first["records"] != second["records"]  # different splits, initialisation and batch order
+    summary = json.loads((tmp_path / "seeds.json").read_text())  # the cross-seed verdict counts
+    assert summary["seeds"] == [0, 1] and summary["rows"]
+    assert all(r["worse"] + r["better"] + r["not_significant"] == r["seeds"] == len(r["gaps"]) for r in summary["rows"])
