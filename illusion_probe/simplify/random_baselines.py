@@ -80,7 +80,7 @@ class RandomCentroids(KMeans):
 
     def options(self) -> dict[str, Any]:
         options = super().options()
-        del options["n_init"]
+        del options["n_init"], options["restart_samples"]
         return options
 
     def fit_sample(self, samples: Tensor) -> None:
