@@ -55,6 +55,9 @@ def fit_stage(run_dir: Path, repeats: int) -> None:
     reference = best_of(repeats, lambda: forward_passes(model, train, n))
     proxies: dict[str, ip.Proxy] = {}
     stage = best_of(repeats, lambda: proxies.update(study_proxies(model, run)))
+    # the proxies the goal was set on, before the study swept sparse dictionaries (trained for epochs)
+    no_dictionaries = {name: p.simplifiers for name, p in proxies.items() if not name.startswith(("sae", "transcoder"))}
+    without = best_of(repeats, lambda: ip.fit_proxies(model, no_dictionaries, train, n))
     one_by_one = best_of(1, lambda: [ip.fit_proxy(model, p.simplifiers, train, n_sequences=n) for p in proxies.values()])
     hooks = [h for layer in run.layers for group in ("kq", "resid") for h in layer_hooks(layer)[group]]
     capture = best_of(repeats, lambda: list(collect_activations(model, train, hooks, n_sequences=n)))
@@ -65,6 +68,7 @@ def fit_stage(run_dir: Path, repeats: int) -> None:
     for label, seconds in (("plain forward passes over the fit data (reference)", reference),
                            ("capture of the fitted hooks (one pass)", capture),
                            ("fit stage, one pass (`fit_proxies`, the pipeline)", stage),
+                           (f"the same without the sparse dictionaries ({len(no_dictionaries)} proxies)", without),
                            ("one `fit_proxy` per proxy (a pass each)", one_by_one)):
         print(f"| {label} | {seconds:.3f} | {seconds / reference:.1f}x |", flush=True)
     by_family: dict[str, list[str]] = {}
