@@ -7,7 +7,7 @@ scikit-learn (k-means++, ``n_init`` restarts, ``random_state=seed`` for
 every head). The restarts only choose a starting point, so they run on a seeded
 subsample of ``restart_samples`` rows (at least 8 per cluster); the best start is then refined by
 Lloyd's iterations on every kept sample. Measured on the quick study's key and query
-activations (docs/benchmarks.md): 3.5x faster than restarting on all 16k samples, at
+activations (docs/benchmarks.md): 3.3x faster than restarting on all 16k samples, at
 +0.05% total inertia, inside the +/-3% a change of seed alone moves a single fit.
 Past ``MINIBATCH_ABOVE`` samples it switches to ``MiniBatchKMeans``:
 measured in docs/benchmarks.md, full k-means costs about the same up to 50k
