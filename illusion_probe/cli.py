@@ -110,9 +110,11 @@ def print_seed_agreement(by_seed: dict, path: Path) -> None:
     each seed), printed and written with every seed's gaps and adjusted p-values to ``path``."""
     from illusion_probe.analysis.verdicts import ALPHA, seed_agreement
     from illusion_probe.artifacts import write_json
+    from illusion_probe.provenance import provenance
 
     rows = seed_agreement(by_seed)
-    write_json(path, {"seeds": sorted(by_seed), "alpha": ALPHA, "correction": "holm within each seed", "rows": rows})
+    write_json(path, {"seeds": sorted(by_seed), "alpha": ALPHA, "correction": "holm within each seed", "rows": rows,
+                      **provenance()})
     plain = [row for row in rows if row["category"] == "all"]
     print(f"\nagreement gap (test - OOD) across {len(by_seed)} seeds: seeds where the proxy is less / more faithful "
           f"out of distribution (significant at {ALPHA:g} after Holm), and the gaps")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -66,8 +67,16 @@ def _matches(value: Any, kind: Any) -> bool:
     return isinstance(value, kind) if isinstance(kind, type) else True
 
 
+def _finite(value: Any) -> bool:
+    """False for a NaN or infinite float, also inside a tuple."""
+    if isinstance(value, tuple):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def check_types(config: Any) -> None:
-    """Raise a one-line error naming the first field of dataclass ``config`` whose value has the wrong type.
+    """Raise a one-line error naming the first field of dataclass ``config`` whose value has the wrong type
+    or is a NaN or infinite number (which no setting means, and which would only fail after the work).
 
     Lists given for tuple fields (as JSON and TOML give them) are stored as tuples first, so a frozen
     config stays hashable and comparable.
@@ -79,6 +88,9 @@ def check_types(config: Any) -> None:
         if not _matches(value, hints[f.name]):
             raise IllusionProbeError(f"{type(config).__name__}.{f.name} must be {_describe(hints[f.name])}, "
                                      f"got {value!r}")
+        if not _finite(value):
+            raise IllusionProbeError(f"{type(config).__name__}.{f.name} must be a finite number, got {value!r}; "
+                                     "give an ordinary number")
 
 
 def _tuples(value: Any) -> Any:

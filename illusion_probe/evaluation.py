@@ -41,7 +41,7 @@ from illusion_probe.results import DISAGREEMENT_RATIO, Gap, MetricInfo, Record, 
 from illusion_probe.simplify.ablation import MeanAblation, ZeroAblation
 from illusion_probe.simplify.fitting import fit_proxies_with
 from illusion_probe.simplify.proxy import Proxy, default_name
-from illusion_probe.tasks.base import Split, SplitSet, Task, check_tokens
+from illusion_probe.tasks.base import Split, SplitSet, Task, as_split_set, check_tokens
 
 ABLATIONS = ("mean", "zero")
 #: Bytes one chunk of full-vocabulary float32 logits may take (the default chunk size follows from it).
@@ -203,7 +203,7 @@ def evaluate(
         :class:`Results`: every metric per split, proxy and position category (hook metrics per
         hook), and ID-vs-OOD gaps.
     """
-    splits = _split_set(splits)
+    splits = as_split_set(splits, "evaluate")
     backend = Backend.of(model)
     require(isinstance(batch_size, int) and batch_size > 0, f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
     require(batch_tokens is None or (isinstance(batch_tokens, int) and batch_tokens > 0),
@@ -279,16 +279,6 @@ def evaluate(
         "controls": {"proxies": list(dict.fromkeys(controls)), "reference": reference} if controls else None,
         **provenance(),
     })
-
-
-def _split_set(splits: Any) -> SplitSet:
-    if isinstance(splits, Split):
-        raise IllusionProbeError("evaluate: splits must be a SplitSet or {name: Split}, got one Split; "
-                                 "wrap it: ip.SplitSet([split])")
-    require(isinstance(splits, Mapping), f"evaluate: splits must be a SplitSet or {{name: Split}}, got {type(splits).__name__}")
-    for name, split in splits.items():
-        require(isinstance(split, Split), f"evaluate: splits[{name!r}] is a {type(split).__name__}, not an ip.Split")
-    return splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
 
 
 def _checked(backend: Backend, proxies: Mapping[str, Proxy], splits: SplitSet, task: Task | None,

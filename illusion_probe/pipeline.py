@@ -39,7 +39,7 @@ from illusion_probe.simplify.proxy import Proxy
 from illusion_probe.study import StudyConfig
 from illusion_probe.sweeps import sweep_simplifiers
 from illusion_probe.tasks.base import SplitSet, Task
-from illusion_probe.training import TrainConfig, train
+from illusion_probe.training import TrainConfig, check_splits, train
 
 
 def fingerprint(*parts: Any) -> str:
@@ -102,6 +102,7 @@ def prepare(study: StudyConfig, out: str | os.PathLike, device: str = "auto", se
     task = study.build_task()
     splits = task.make_splits(seed=seed)
     require(splits.max_len <= task.n_ctx, f"splits hold {splits.max_len} tokens but the task's n_ctx is {task.n_ctx}")
+    check_splits(splits, train_config)
     study.check_against_data(int(splits["train"].real_mask[: study.proxies.n_fit_sequences].sum()))
     out_dir = check_output_dir(out)
     model = build_model(task, model_config)

@@ -14,7 +14,7 @@ from illusion_probe.results import Results
 from illusion_probe.simplify.base import Simplifier
 from illusion_probe.simplify.fitting import fit_proxies
 from illusion_probe.simplify.proxy import Proxy
-from illusion_probe.tasks.base import Split, SplitSet, Task
+from illusion_probe.tasks.base import Split, SplitSet, Task, as_split_set
 
 
 def hooks_label(hooks: Sequence[str]) -> str:
@@ -82,6 +82,6 @@ def sweep(
         :class:`Results` whose records carry ``method`` and ``size``, ready for
         :meth:`Results.headline` and the report's sweep figure.
     """
-    splits = splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
+    splits = as_split_set(splits, "sweep")
     proxies = sweep_proxies(model, splits[fit_split], hooks, method, sizes, n_sequences)
     return evaluate(model, proxies, splits, task, **evaluate_options)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from illusion_probe.backends import Backend
 from illusion_probe.config import check_types
 from illusion_probe.errors import require
-from illusion_probe.tasks.base import Split, SplitSet, Task, check_tokens
+from illusion_probe.tasks.base import Split, SplitSet, Task, as_split_set, check_tokens
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear")
 
@@ -127,11 +127,16 @@ def lm_loss(backend: Backend, batch: Split) -> Tensor:
     return F.cross_entropy(logits[:, :-1][mask], batch.tokens[:, 1:][mask])
 
 
-def _check(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig, task: Task | None) -> None:
+def check_splits(splits: SplitSet, cfg: TrainConfig) -> None:
+    """Raise unless ``splits`` hold the ``train`` split and the split early stopping watches (no model needed)."""
     require("train" in splits, f"train needs a 'train' split; got {', '.join(splits)}")
     require(cfg.target_acc is None or cfg.stop_split in splits,
             f"TrainConfig.target_acc watches the split {cfg.stop_split!r}, which the splits lack "
             f"({', '.join(splits)}); set stop_split to one of them")
+
+
+def _check(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig, task: Task | None) -> None:
+    check_splits(splits, cfg)
     backend = Backend.of(model)
     require(splits.max_len <= backend.n_ctx,
             f"the model's n_ctx={backend.n_ctx} is shorter than the longest sequence in the splits "
@@ -161,7 +166,7 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
     """
     cfg = cfg or TrainConfig()
     require(isinstance(cfg, TrainConfig), f"train: cfg must be an ip.TrainConfig, got {type(cfg).__name__}")
-    require(isinstance(splits, SplitSet), f"train: splits must be an ip.SplitSet, got {type(splits).__name__}")
+    splits = as_split_set(splits, "train")
     _check(model, splits, cfg, task)
     backend = Backend.of(model)
     device = backend.device
@@ -185,12 +190,14 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
                 group["lr"] = cfg.lr_at(step)
             model.train()
             loss = lm_loss(backend, train_split.select(index).to(device))
+            losses.append(loss.item())
+            require(math.isfinite(losses[-1]), f"train: the loss became {losses[-1]} at step {step + 1}: training "
+                    f"diverged; lower train.lr (now {cfg.lr:g}) and rerun")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            losses.append(loss.item())
             train_time += time.perf_counter() - tick
             bar.update(1)
             if (step + 1) % cfg.eval_every and step + 1 != cfg.max_steps:

@@ -22,6 +22,7 @@ from illusion_probe.artifacts import read_json, write_json
 from illusion_probe.backends import Backend
 from illusion_probe.errors import ArtifactError, require
 from illusion_probe.hook_names import attn_k, attn_q
+from illusion_probe.provenance import provenance
 from illusion_probe.tasks.base import Split
 
 KINDS = {"query": attn_q, "key": attn_k}
@@ -47,7 +48,7 @@ class Projection:
     Attributes:
         layer, head: the analysed head.
         panels: one per split and kind (``query``, ``key``).
-        meta: how it was made (points per panel, seed, fingerprint of the run).
+        meta: how it was made (points per panel, seed, versions and thread count, fingerprint of the run).
     """
 
     layer: int
@@ -137,4 +138,4 @@ def key_query_projection(
             depth = tuple(found["depth"][pick].tolist()) if found["depth"].numel() else ()
             panels.append(Panel(name, kind, tuple(round(v, 4) for v in xy[:, 0].tolist()),
                                 tuple(round(v, 4) for v in xy[:, 1].tolist()), depth))
-    return Projection(layer, head, tuple(panels), {"n_points": n_points, "seed": seed})
+    return Projection(layer, head, tuple(panels), {"n_points": n_points, "seed": seed, **provenance()})

@@ -298,9 +298,10 @@ class FittedSimplifier(Simplifier):
                     f"{self.describe()}: mask must be a bool tensor of shape {tuple(leading)}, got "
                     f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
             grouped = grouped[mask.to(grouped.device)]
+        require(grouped.shape[-1] > 0, f"{self.describe()}: activations have no features (feature dimension 0); "
+                "pass [..., feature] activations with feature >= 1")
         x = grouped.reshape(-1, *grouped.shape[-2:])
         require(x.shape[0] > 0, f"{self.describe()}: no samples to fit (empty activations or an all-False mask)")
-        require(x.shape[2] > 0, f"{self.describe()}: activations have no features (feature dimension 0)")
         require(bool(torch.isfinite(x.sum())), f"{self.describe()}: activations contain NaN or inf; "
                 "check the model and inputs before fitting")
         return x

@@ -21,7 +21,7 @@ from illusion_probe.hook_names import is_per_head, resolve_hook_name
 from illusion_probe.simplify.base import FittedSimplifier, Simplifier
 from illusion_probe.simplify.collect import collect_activations
 from illusion_probe.simplify.proxy import Proxy, check_hooks, default_name
-from illusion_probe.tasks.base import Split
+from illusion_probe.tasks.base import Split, check_split
 
 
 def fit_proxy(
@@ -77,8 +77,7 @@ def fit_proxies_with(backend: Backend, wanted: Mapping[str, Mapping[str, Simplif
                      n_sequences: int = 1000, batch_size: int = 64, allow_non_train: bool = False,
                      progress: bool = False) -> dict[str, Proxy]:
     """:func:`fit_proxies` given the model's backend adapter."""
-    require(isinstance(split, Split), f"fit_proxy: split must be an ip.Split, got {type(split).__name__}"
-            + ("; pick one, e.g. splits['train']" if isinstance(split, Mapping) else ""))
+    check_split(split, "fit_proxy")
     require(split.role == "train" or allow_non_train,
             f"fit_proxy: split {split.name!r} has role {split.role!r}; fitting off the training distribution "
             "would hide the very gap we measure (pass allow_non_train=True to do it anyway)")

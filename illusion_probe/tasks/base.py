@@ -294,6 +294,25 @@ class SplitSet(Mapping[str, Split]):
         return SplitSet(labelled)
 
 
+def check_split(split: Any, who: str) -> Split:
+    """``split`` when it is one :class:`Split`; anything else is a one-line error naming ``who``'s argument."""
+    require(isinstance(split, Split), f"{who}: split must be an ip.Split, got {type(split).__name__}"
+            + ("; pick one, e.g. splits['train']" if isinstance(split, Mapping) else ""))
+    return split
+
+
+def as_split_set(splits: Any, who: str) -> SplitSet:
+    """``splits`` (a :class:`SplitSet` or ``{name: Split}``) as a :class:`SplitSet`; anything else, one
+    :class:`Split` included, is a one-line error naming ``who``'s argument."""
+    if isinstance(splits, Split):
+        raise IllusionProbeError(f"{who}: splits must be a SplitSet or {{name: Split}}, got one Split; "
+                                 "wrap it: ip.SplitSet([split])")
+    require(isinstance(splits, Mapping), f"{who}: splits must be a SplitSet or {{name: Split}}, got {type(splits).__name__}")
+    for name, split in splits.items():
+        require(isinstance(split, Split), f"{who}: splits[{name!r}] is a {type(split).__name__}, not an ip.Split")
+    return splits if isinstance(splits, SplitSet) else SplitSet(dict(splits))
+
+
 class Task(ABC):
     """A sequence task: vocabulary, model sizes, scored positions and split generation.
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
+import torch
 
+from illusion_probe.analysis.projection import Projection
 from illusion_probe.cli import main
 
 
@@ -37,6 +40,30 @@ def test_rerun_reuses_finished_stages(run_dir, capsys) -> None:
     assert (run_dir / "results.json").stat().st_mtime_ns == before
 
 
+def test_last_line_names_every_artefact(run_dir, capsys) -> None:
+    assert main(["reproduce", "dyck", "--preset", "tiny", "--out", str(run_dir), "--device", "cpu"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("wrote: ")
+    assert sorted(last.removeprefix("wrote: ").split(", ")) == sorted(str(p) for p in run_dir.iterdir())
+
+
+def test_projection_records_provenance(run_dir) -> None:
+    meta = json.loads((run_dir / "projection.json").read_text())["meta"]
+    assert meta["threads"] == 1 and meta["versions"]["torch"] and {"fingerprint", "n_points", "seed"} <= set(meta)
+    assert Projection.from_json(run_dir / "projection.json").meta == meta
+
+
+def test_another_thread_count_retrains(run_dir, tmp_path, capsys) -> None:
+    shutil.copytree(run_dir / "checkpoint", tmp_path / "checkpoint")
+    try:
+        assert main(["train", "dyck", "--preset", "tiny", "--out", str(tmp_path), "--device", "cpu", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(1)  # as the test session runs
+    err = capsys.readouterr().err
+    assert "redoing the train stage" in err and "[illusion-probe] training" in err
+    assert json.loads((tmp_path / "checkpoint" / "metadata.json").read_text())["threads"] == 2
+
+
 def test_report_subcommand_rebuilds_html(run_dir, tmp_path) -> None:
     assert main(["report", str(run_dir / "results.json"), "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
@@ -65,4 +92,5 @@ def test_seeds_get_their_own_directories(tmp_path) -> None:
     assert first["records"] != second["records"]  # different splits, initialisation and batch order
     summary = json.loads((tmp_path / "seeds.json").read_text())  # the cross-seed verdict counts
     assert summary["seeds"] == [0, 1] and summary["rows"]
+    assert summary["threads"] == 1 and summary["versions"]["torch"]
     assert all(r["worse"] + r["better"] + r["not_significant"] == r["seeds"] == len(r["gaps"]) for r in summary["rows"])

@@ -100,6 +100,12 @@ FAULTS = [
     Fault("cfg_lr_text", (*RUN, "--config", "{tmp}/c.toml"), "TrainConfig.lr must be a number, got 'fast'",
           _write("c.toml", '[train]\nlr = "fast"\n')),
     Fault("cfg_lr_negative", (*RUN, "--set", "train.lr=-1"), "TrainConfig.lr must be positive"),
+    Fault("cfg_lr_infinite", (*RUN, "--set", "train.lr=inf"), "TrainConfig.lr must be a finite number, got inf"),
+    Fault("cfg_weight_decay_infinite", (*RUN, "--config", "{tmp}/c.toml"), "TrainConfig.weight_decay must be a finite number",
+          _write("c.toml", "[train]\nweight_decay = inf\n")),
+    Fault("cfg_grad_clip_infinite", (*RUN, "--set", "train.grad_clip=inf"), "TrainConfig.grad_clip must be a finite number"),
+    Fault("cfg_stop_split_missing", (*RUN, "--set", "train.target_acc=0.9", "--set", 'train.stop_split="nope"'),
+          "watches the split 'nope', which the splits lack"),
     Fault("cfg_steps_zero", (*RUN, "--set", "train.max_steps=0"), "TrainConfig.max_steps must be a positive integer"),
     Fault("cfg_heads_do_not_divide", (*RUN, "--set", "model.d_model=15"), "not divisible by n_heads"),
     Fault("cfg_brackets_zero", (*RUN, "--set", "task.k=0"), "DyckConfig.k must be >= 1"),
@@ -260,6 +266,14 @@ def test_disk_full_while_writing(tmp_path: Path, monkeypatch, capsys) -> None:
     assert err[-1].startswith("illusion-probe: error:") and "No space left on device" in err[-1]
     assert "free space or choose another path" in err[-1]
     assert list(tmp_path.iterdir()) == []  # no half-written artefact or staging folder; the new, empty --out removed
+
+
+def test_diverged_training_leaves_nothing(tmp_path: Path, capsys) -> None:
+    # case: train_loss_not_finite_cli
+    assert main(["reproduce", "dyck", *TINY, "--out", str(tmp_path / "out"), "--set", "train.lr=1e30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("illusion-probe: error: train: the loss became") and "lower train.lr" in err[-1]
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no staging folder; the new, empty --out removed
 
 
 def test_every_case_is_documented() -> None:

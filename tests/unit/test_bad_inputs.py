@@ -66,6 +66,11 @@ def _evaluate(model, train, splits=None, proxies=None, **kwargs):
     return ip.evaluate(model, proxies, splits, progress=False, n_boot=0, **kwargs)
 
 
+def _fresh_model() -> torch.nn.Module:
+    """A model of the fixture's vocabulary and context but another shape, which a case may spoil."""
+    return ip.build_model(ip.ModelSizes(50, 32), ip.ModelConfig(n_layers=2, d_model=16, n_heads=2))
+
+
 def _set(tensors: dict, key: str, value: torch.Tensor) -> None:
     tensors[key] = value
 
@@ -97,12 +102,16 @@ BAD = [
     Bad("fit_onehot_off_pattern", lambda m, t, d: ip.fit_proxy(m, {K: ip.OneHotAttention()}, t), "acts on attention patterns"),
     Bad("fit_rank_above_dimension", lambda m, t, d: ip.fit_proxy(m, {K: ip.PCA(rank=9)}, t), "rank 9 exceeds the feature dimension 8"),
     Bad("fit_clusters_above_samples", lambda m, t, d: ip.fit_proxy(m, {K: ip.KMeans(n_clusters=10_000)}, t), "samples it would be fitted on"),
+    Bad("fit_pca_no_features", lambda m, t, d: ip.PCA(rank=1).fit(torch.zeros(10, 0)), "activations have no features (feature dimension 0)"),
     # simplifiers and configs
     Bad("pca_rank_zero", lambda m, t, d: ip.PCA(rank=0), "rank must be a positive integer"),
     Bad("pca_rank_text", lambda m, t, d: ip.PCA(rank="2"), "rank must be a positive integer, got '2'"),
     Bad("kmeans_no_clusters", lambda m, t, d: ip.KMeans(n_clusters=0), "n_clusters must be a positive integer"),
     Bad("train_lr_text", lambda m, t, d: ip.TrainConfig(lr="fast"), "TrainConfig.lr must be a number, got 'fast'"),
     Bad("train_steps_negative", lambda m, t, d: ip.TrainConfig(max_steps=-1), "max_steps must be a positive integer"),
+    Bad("train_lr_infinite", lambda m, t, d: ip.TrainConfig(lr=float("inf")), "TrainConfig.lr must be a finite number, got inf"),
+    Bad("train_on_one_split", lambda m, t, d: ip.train(m, t), "train: splits must be a SplitSet or {name: Split}, got one Split"),
+    Bad("train_loss_not_finite", lambda m, t, d: ip.train(_fresh_model(), ip.SplitSet([t]), ip.TrainConfig(lr=1e30, max_steps=5, warmup_steps=0, batch_size=8, progress=False)), "training diverged; lower train.lr (now 1e+30)"),
     Bad("model_width_zero", lambda m, t, d: ip.ModelConfig(d_model=0), "d_model must be a positive integer"),
     Bad("dyck_no_brackets", lambda m, t, d: ip.DyckConfig(k=0), "DyckConfig.k must be >= 1"),
     # evaluate
@@ -121,7 +130,8 @@ BAD = [
     Bad("evaluate_ablation_sequences_zero", lambda m, t, d: _evaluate(m, t, ablation_sequences=0), "ablation_sequences must be a positive integer"),
     Bad("evaluate_ablation_unknown", lambda m, t, d: _evaluate(m, t, ablation="median"), "unknown ablation 'median'"),
     Bad("evaluate_metric_unknown", lambda m, t, d: _evaluate(m, t, metrics=["agreemnt"]), "did you mean 'agreement'"),
-    Bad("evaluate_proxy_of_another_model", lambda m, t, d: _evaluate(ip.build_model(ip.ModelSizes(50, 32), ip.ModelConfig(n_layers=2, d_model=16, n_heads=2)), t, proxies={"p": _pca(m, t)}), "was fit where"),
+    Bad("sweep_on_one_split", lambda m, t, d: ip.sweep(m, t, hooks=[K]), "sweep: splits must be a SplitSet or {name: Split}, got one Split"),
+    Bad("evaluate_proxy_of_another_model", lambda m, t, d: _evaluate(_fresh_model(), t, proxies={"p": _pca(m, t)}), "was fit where"),
     # saved proxies
     Bad("load_missing_folder", lambda m, t, d: ip.Proxy.load(d / "nope"), "metadata.json: missing"),
     Bad("load_garbled_metadata", lambda m, t, d: (_saved_proxy(m, t, d), (d / "p" / "metadata.json").write_text("{"), ip.Proxy.load(d / "p")), "not valid JSON"),

@@ -219,11 +219,14 @@ def test_cli_info_runs(capsys) -> None:
 
 
 def test_artefacts_get_ordinary_permissions(tmp_path) -> None:
-    from illusion_probe.artifacts import atomic_directory, write_json
+    from illusion_probe.artifacts import atomic_directory, write_json, write_tensors
 
     with atomic_directory(tmp_path / "dir") as staging:
         write_json(staging / "meta.json", {"a": 1})
+        write_tensors(staging / "t.safetensors", {"x": torch.zeros(2)})
+    ip.save_checkpoint(tmp_path / "checkpoint", ip.build_model(SIZES, TINY))
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "dir").stat().st_mode & 0o777 == 0o777 & ~mask
-    assert (tmp_path / "dir" / "meta.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    for file in ("dir/meta.json", "dir/t.safetensors", "checkpoint/model.safetensors"):
+        assert (tmp_path / file).stat().st_mode & 0o777 == 0o666 & ~mask, file  # 0644 under the usual umask 022
