@@ -8,6 +8,9 @@ The rest of the package asks the adapter (:meth:`Backend.of`) rather than the mo
   causal, so the mask is not left to that flag; on causal models it changes nothing). A causal
   HookedTransformer needs none (right padding never reaches a real position); a bidirectional one
   ignores masks, so a padded batch is refused.
+- :meth:`Backend.run`: a pass for what hooks see, run no further than they need (stopped before a
+  block, or at the final residual), so that collecting activations never computes full-vocabulary
+  logits for hooks in the blocks.
 - :meth:`Backend.final_residual` and :meth:`Backend.head`: the residual stream after the last block
   ``[batch, pos, d_model]``, and the logits of chosen rows of it, so that evaluation never holds
   full-vocabulary logits for more than a chunk of positions. A pass may resume at a block from a
@@ -30,7 +33,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from illusion_probe.errors import IllusionProbeError, require
-from illusion_probe.hook_names import attn_pattern, attn_z, is_attention_pattern, resolve_hook_name
+from illusion_probe.hook_names import (
+    attn_pattern,
+    attn_z,
+    blocks_needed,
+    final_norm_in,
+    is_attention_pattern,
+    resolve_hook_name,
+)
 from illusion_probe.provenance import package_version
 
 Hooks = Sequence[tuple[str, Callable[..., Any]]]
@@ -122,10 +132,15 @@ class Backend:
 
     def run(self, tokens: Int[Tensor, "batch pos"], real: Bool[Tensor, "batch pos"] | None, hooks: Hooks,
             stop_at_layer: int | None = None) -> None:
-        """A forward pass for what ``hooks`` see, stopped before block ``stop_at_layer`` when given."""
+        """A forward pass for what ``hooks`` see, stopped before block ``stop_at_layer`` (by default the first
+        block no hook needs). Hooks in the last block or entering the final norm stop it at the final
+        residual: the unembedding runs only for hooks on the final norm's output or the unembedding."""
+        stop = blocks_needed([name for name, _ in hooks], self.n_layers) if stop_at_layer is None else stop_at_layer
+        if stop == self.n_layers:
+            self.final_residual(tokens, real, hooks)
+            return
         with self.model.hooks(fwd_hooks=list(hooks)):
-            self.model(tokens, **self._mask(real), **({} if stop_at_layer is None else
-                                                      {"stop_at_layer": stop_at_layer}))
+            self.model(tokens, **self._mask(real), **({} if stop is None else {"stop_at_layer": stop}))
 
     def can_resume(self, layer: int) -> bool:
         """Whether a pass can start at block ``layer`` from the residual entering it."""
@@ -188,12 +203,9 @@ class Backend:
                      (attn_z(layer), lambda z, hook: seen.append(z.detach()))]
             tokens = (torch.arange(3) % self.d_vocab).unsqueeze(0).to(self.device)
             with torch.no_grad():
-                self.run(tokens, None, hooks, stop_at_layer=self._stop_after(layer))
+                self.run(tokens, None, hooks)
             self._pattern_edits[layer] = len(seen) == 1 and not bool(seen[0].any())
         return self._pattern_edits[layer]
-
-    def _stop_after(self, layer: int) -> int | None:
-        return layer + 1 if layer + 1 < self.n_layers else None
 
     def describe(self) -> str:
         return f"{self.kind} on TransformerLens {package_version('transformer-lens')}"
@@ -234,7 +246,7 @@ class BridgeBackend(Backend):
         def stop(residual: Tensor, hook: Any) -> None:
             raise StopAtLayerException(residual)  # the bridge's own early exit: caught by its forward
 
-        with self.model.hooks(fwd_hooks=[*hooks, ("ln_final.hook_in", stop)]):
+        with self.model.hooks(fwd_hooks=[*hooks, (final_norm_in(), stop)]):
             return self.model(tokens, **self._mask(real))
 
 

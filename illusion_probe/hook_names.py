@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -62,6 +63,11 @@ def mlp_out(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
 
 
+def final_norm_in() -> str:
+    """The residual stream after the last block, entering the final norm ``[batch, pos, d_model]`` (bridges only)."""
+    return "ln_final.hook_in"
+
+
 def hook_points(model: torch.nn.Module) -> dict[str, object]:
     """Every hook name the model accepts (legacy aliases included) mapped to its HookPoint."""
     hook_dict = getattr(model, "hook_dict", None)
@@ -100,15 +106,35 @@ def is_attention_scores(name: str) -> bool:
     return name.endswith("hook_attn_scores")
 
 
+def is_before_blocks(name: str) -> bool:
+    """True for hooks before the first block: the token and position embeddings and rotary tables."""
+    return name in ("hook_embed", "hook_pos_embed") or name.startswith(("embed.", "pos_embed.", "rotary_emb."))
+
+
 def is_after_blocks(name: str) -> bool:
     """True for hooks after the last block: the final norm and the unembedding."""
-    return name.startswith(("ln_final.", "unembed."))
+    return name == "hook_unembed" or name.startswith(("ln_final.", "unembed."))
 
 
 def layer_of(name: str) -> int | None:
     """The block index a hook belongs to (``blocks.L.…``), or ``None`` for embed/unembed hooks."""
     match = _LAYER.match(name)
     return int(match.group(1)) if match else None
+
+
+def blocks_needed(names: Sequence[str], n_layers: int) -> int | None:
+    """How many blocks a pass must run for every hook in ``names`` to fire (``n_layers``: up to the final
+    residual), or ``None`` when one sits on the final norm or the unembedding, so the whole model must run."""
+    def needed(name: str) -> int | None:
+        layer = layer_of(name)
+        if layer is not None:
+            return layer + 1
+        if is_before_blocks(name):
+            return 0
+        return n_layers if name == final_norm_in() else None
+
+    counts = [needed(name) for name in names]
+    return None if None in counts else max(counts, default=0)  # type: ignore[type-var]
 
 
 def first_layer(names: list[str] | tuple[str, ...]) -> int | None:

@@ -5,7 +5,8 @@ the model (no grad) with capture hooks and yields ``{hook name:
 [n_tokens, *feature]}`` for that batch, so a consumer such as PCA never holds
 every activation at once. Results are keyed by the name the *user* gave: on a
 ``TransformerBridge`` the ``hook.name`` a callback sees is the canonical one.
-The forward stops after the last requested block.
+Each pass runs no further than the hooks need (:meth:`Backend.run`): hooks in the blocks never
+make it compute the unembedding's full-vocabulary logits.
 """
 
 from __future__ import annotations
@@ -19,17 +20,8 @@ from torch import Tensor
 
 from illusion_probe.backends import Backend
 from illusion_probe.errors import require
-from illusion_probe.hook_names import is_attention_pattern, layer_of, resolve_hook_name
+from illusion_probe.hook_names import is_attention_pattern, resolve_hook_name
 from illusion_probe.tasks.base import Split, check_tokens
-
-
-def _stop_layer(backend: Backend, hook_names: Sequence[str]) -> int | None:
-    """The first block no requested hook needs, or ``None`` when the whole model must run."""
-    layers = [layer_of(name) for name in hook_names]
-    if any(layer is None for layer in layers):
-        return None
-    stop = max(layers) + 1  # type: ignore[type-var]
-    return stop if stop < backend.n_layers else None
 
 
 def collect_activations(
@@ -75,7 +67,6 @@ def collect_activations(
 
 def _batches(backend: Backend, split: Split, names: list[str], keep: Tensor, n: int,
              batch_size: int) -> Iterator[dict[str, Tensor]]:
-    stop = _stop_layer(backend, names)
     device = backend.device
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
@@ -86,7 +77,7 @@ def _batches(backend: Backend, split: Split, names: list[str], keep: Tensor, n: 
         captured: dict[str, Tensor] = {}
         with torch.no_grad():
             backend.run(split.tokens[rows, :width].to(device), split.real_mask[rows, :width].to(device),
-                        [(name, _recorder(captured, name, mask)) for name in names], stop_at_layer=stop)
+                        [(name, _recorder(captured, name, mask)) for name in names])
         yield captured
 
 

@@ -70,9 +70,11 @@ class ExternalSAE(Simplifier):
         require(tuple(out.shape) == tuple(probe.shape), f"{self.describe()}: decode(encode(x)) has shape "
                 f"{list(out.shape)} for x of shape {list(probe.shape)}; wrap a dictionary of this hook's width")
 
-    def latents(self, source: Float[Tensor, "*samples d_in"]) -> Float[Tensor, "*samples 1 d_sae"]:
+    def latents(self, source: Float[Tensor, "batch pos *feature"]) -> Float[Tensor, "batch pos group d_sae"]:
+        """The latents per position; the heads of a per-head hook are groups (one group otherwise)."""
         with torch.no_grad():
-            return self.sae.encode(source).unsqueeze(-2)
+            codes = self.sae.encode(source)
+        return codes.reshape(*source.shape[:2], -1, codes.shape[-1])
 
     def __call__(self, act: Float[Tensor, "*samples d_in"], hook: Any = None) -> Float[Tensor, "*samples d_in"]:
         with torch.no_grad():

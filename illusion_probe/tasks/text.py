@@ -9,7 +9,8 @@ Each document is tokenised without special tokens and cut into windows of ``wind
 the model prepends a BOS token, each window starts with one (so every window reads like the start
 of a context, as the model saw in training) and holds ``window - 1`` tokens of text. A document's
 last window may be shorter; windows are right-padded, and a window with fewer than two tokens is
-dropped. ``split.meta`` records what was used and what was skipped, and why.
+dropped, and so are the windows beyond ``max_sequences``. ``split.meta`` records what was used and
+what was skipped, and why.
 """
 
 from __future__ import annotations
@@ -120,17 +121,21 @@ def split_from_text(model: torch.nn.Module, texts: Sequence[str] | str | os.Path
     body = window - (bos is not None)
     stride = body if stride is None else stride
     require(isinstance(stride, int) and stride >= 1, f"stride must be a positive integer, got {stride!r}")
+    require(max_sequences is None or (isinstance(max_sequences, int) and max_sequences >= 1),
+            f"max_sequences must be a positive integer or None, got {max_sequences!r}")
     windows: list[list[int]] = []
-    used, short = 0, 0
-    for text in documents.texts:
+    owners: list[int] = []  # the document each window comes from
+    short = 0
+    for index, text in enumerate(documents.texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         pieces = [([bos] if bos is not None else []) + ids[start:start + body] for start in range(0, len(ids), stride)]
         pieces = [piece for piece in pieces if len(piece) >= 2]
         short += not pieces
-        used += bool(pieces)
         windows += pieces
-    if max_sequences is not None:
-        windows = windows[:max_sequences]
+        owners += [index] * len(pieces)
+    dropped = 0 if max_sequences is None else max(len(windows) - max_sequences, 0)
+    windows = windows[:len(windows) - dropped]
+    used = len(set(owners[:len(windows)]))
     require(bool(windows), f"split {name!r}: no window of at least two tokens in {documents.source} "
             f"({len(documents.texts)} documents); give more text")
     tokens = torch.zeros(len(windows), max(map(len, windows)), dtype=torch.long)
@@ -140,7 +145,8 @@ def split_from_text(model: torch.nn.Module, texts: Sequence[str] | str | os.Path
         real[row, :len(piece)] = True
     require(int(tokens.max()) < backend.d_vocab, f"the tokenizer gives id {int(tokens.max())}, outside the model's "
             f"vocabulary of {backend.d_vocab}; use the tokenizer saved with the model")
-    skipped = {**documents.skipped, **({"shorter than two tokens": short} if short else {})}
+    skipped = {**documents.skipped, **({"shorter than two tokens": short} if short else {}),
+               **({"windows beyond max_sequences": dropped} if dropped else {})}
     meta = {"source": documents.source, "documents": len(documents.texts) + sum(documents.skipped.values()),
             "documents_used": used, "skipped": skipped, "windows": len(windows), "tokens": int(real.sum()),
             "window": window, "stride": stride, "bos": bos is not None}

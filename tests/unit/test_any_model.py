@@ -10,6 +10,8 @@ import torch
 import illusion_probe as ip
 from illusion_probe.backends import Backend
 from illusion_probe.loading import load_model
+from illusion_probe.registry import SIMPLIFIERS
+from illusion_probe.simplify.dictionary import SparseDictionary
 from illusion_probe.tasks.text import read_documents
 from tests.helpers import hook_count
 from tests.hf_models import ARCHITECTURES, N_CTX, VOCAB, boot, save_tiny
@@ -28,22 +30,65 @@ def _splits(n: int = 12, length: int = 10) -> ip.SplitSet:
                         ip.Split.from_tokens(torch.randint(4, 12, (n, length), generator=gen), "ood", name="ood_few")])
 
 
+#: Where each family is tried, in order: the first group with a hook the family accepts is used.
+PLACES = (("blocks.1.hook_resid_pre", "blocks.1.attn.hook_k"), ("blocks.1.attn.hook_pattern",), ("blocks.1.hook_mlp_out",))
+TINY = {"rank": 2, "n_clusters": 3, "d_sae": 8}  # each family's size option, at a tiny size
+
+
+class _IdentitySAE:
+    """A stand-in for a dictionary trained elsewhere: encode and decode change nothing."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+def _tiny(method: str) -> ip.Simplifier:
+    """An unfitted simplifier of the built-in family ``method``, small and quick to fit."""
+    if method == "external_sae":
+        return ip.ExternalSAE(_IdentitySAE())
+    cls = SIMPLIFIERS.get(method)
+    fast = {"k": 2, "epochs": 2} if issubclass(cls, SparseDictionary) else {}
+    return ip.Simplifier.create(method, TINY[cls.size_option] if cls.size_option else None, **fast)
+
+
+def _accepts(simplifier: ip.Simplifier, hook: str) -> bool:
+    try:
+        simplifier.check_hook(hook)
+    except ip.IllusionProbeError:
+        return False
+    return True
+
+
+def _every_family() -> dict[str, dict[str, ip.Simplifier]]:
+    """``{proxy name: {hook: simplifier}}``: every built-in registered family, at the hooks of ``PLACES`` it accepts."""
+    wanted = {}
+    for method in SIMPLIFIERS.names():
+        if not SIMPLIFIERS.get(method).__module__.startswith("illusion_probe."):
+            continue  # a family a test registered for itself
+        simplifier = _tiny(method)
+        hooks = next((found for group in PLACES if (found := [h for h in group if _accepts(simplifier, h)])), [])
+        assert hooks, f"{method} accepts none of the tested hooks; add its hook to PLACES"
+        wanted.update({f"{method}@{hook}": {hook: simplifier} for hook in hooks})
+    return wanted
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_every_simplifier_family_at_a_residual_and_an_attention_hook(hf_models, architecture: str) -> None:
+def test_every_simplifier_family_fits_and_evaluates(hf_models, architecture: str) -> None:
     model, splits = hf_models[architecture], _splits()
-    d_model = model.cfg.d_model
-    families = {"pca": 2, "svd": 2, "kmeans": 3, "mean_ablation": None, "zero_ablation": None}
-    proxies = {}
-    for hook in ("blocks.1.hook_resid_pre", "blocks.1.attn.hook_k"):
-        for method, size in families.items():
-            proxies[f"{method}@{hook}"] = ip.fit_proxy(model, {hook: ip.Simplifier.create(method, size)}, splits["train"])
-    proxies["onehot"] = ip.fit_proxy(model, {"blocks.1.attn.hook_pattern": ip.OneHotAttention()}, splits["train"])
-    proxies["identity"] = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(d_model)}, splits["train"])
+    wanted = {**_every_family(), "identity": {"blocks.1.hook_resid_pre": ip.PCA(model.cfg.d_model)}}
+    proxies = ip.fit_proxies(model, wanted, splits["train"])
     results = ip.evaluate(model, proxies, splits, n_boot=0, progress=False)
     assert {r.proxy for r in results.records} == set(proxies)
+    assert {"sae@blocks.1.attn.hook_k", "external_sae@blocks.1.attn.hook_k", "transcoder@blocks.1.hook_mlp_out",
+            "onehot_attention@blocks.1.attn.hook_pattern", "random_centroids@blocks.1.hook_resid_pre"} <= set(proxies)
+    dictionaries = [name for name, proxy in proxies.items() if any(s.has_latents for s in proxy.simplifiers.values())]
     for split in splits:
         assert results.value(split, "identity", "agreement") == 1.0
         assert abs(results.value(split, "identity", "kl")) < 1e-6
+        assert all(results.value(split, name, "l0") >= 0 for name in dictionaries)
     assert results.meta["backend"] == "bridge_hf" and hook_count(model) == 0
 
 
@@ -96,6 +141,11 @@ def test_text_becomes_windows_with_the_models_tokenizer(hf_models, tmp_path) -> 
     assert model.tokenizer.decode(split.tokens[0, 1:]).split() == text.split()[:9]
     overlapping = ip.Split.from_text(model, [text], window=10, stride=5, max_sequences=3)
     assert len(overlapping) == 3 and torch.equal(overlapping.tokens[1, 1:5], overlapping.tokens[0, 6:10])
+    capped = ip.Split.from_text(model, [text, text], window=10, max_sequences=2)  # 3 windows per document
+    assert len(capped) == 2 and capped.meta["documents_used"] == 1
+    assert capped.meta["skipped"] == {"windows beyond max_sequences": 4}
+    with pytest.raises(ip.IllusionProbeError, match="max_sequences must be a positive integer"):
+        ip.Split.from_text(model, [text], max_sequences=0)
     (tmp_path / "t.txt").write_text("the cat\nsat on the mat\n")
     assert len(ip.Split.from_text(model, tmp_path / "t.txt", window=5)) == 2
     with pytest.raises(ip.IllusionProbeError, match="does not fit the model's context of 32"):
@@ -126,16 +176,36 @@ def bert(tmp_path_factory) -> torch.nn.Module:
     return boot(folder)
 
 
-@pytest.mark.parametrize("family", ["hooked", "bridge", "bridge_hf", "bert"])
+@pytest.fixture(scope="module")
+def bidirectional_bridge() -> torch.nn.Module:
+    """A native bridge whose attention is bidirectional (its padding is masked, not merely unreachable)."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32,
+                                  act_fn="gelu", attention_dir="bidirectional", seed=0)
+    return TransformerBridge.boot_native(cfg, device="cpu").eval()
+
+
+PADDED = {"hooked": "hooked_transformer", "bridge": "native_bridge", "bridge_hf": "hf_gpt2_bridge", "bert": "bert",
+          "bridge_bidirectional": "bidirectional_bridge"}
+
+
+@pytest.mark.parametrize("family", list(PADDED))
 def test_padding_cannot_change_a_result(family, request, random_train_split) -> None:
-    """The same sequences, padded into shared batches or each in a batch of its own (no padding), score alike."""
-    fixture = {"hooked": "hooked_transformer", "bridge": "native_bridge", "bridge_hf": "hf_gpt2_bridge", "bert": "bert"}
-    model = request.getfixturevalue(fixture[family])
+    """The same sequences, padded into shared batches or each in a batch of its own (no padding), fit and score
+    alike."""
+    model = request.getfixturevalue(PADDED[family])
     split, train = _ragged(), random_train_split
-    proxy = ip.fit_proxy(model, {"blocks.1.hook_resid_pre": ip.PCA(rank=3)}, train)
+    wanted = {"p": {"blocks.1.hook_resid_pre": ip.PCA(rank=3)}, "mean": {"blocks.1.attn.hook_k": ip.MeanAblation()}}
+    shared, own = (ip.fit_proxies(model, wanted, train, batch_size=size) for size in (64, 1))
+    for name, proxy in shared.items():
+        (hook, simplifier), = proxy.simplifiers.items()
+        probe = torch.randn(2, 5, *proxy.feature_shapes[hook], generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(simplifier(probe), own[name].simplifiers[hook](probe), atol=1e-5, rtol=1e-5)
     splits = ip.SplitSet([train, split])
-    padded = ip.evaluate(model, {"p": proxy}, splits, n_boot=0, batch_size=64, progress=False)
-    alone = ip.evaluate(model, {"p": proxy}, splits, n_boot=0, batch_size=1, progress=False)
+    padded = ip.evaluate(model, {"p": shared["p"]}, splits, n_boot=0, batch_size=64, progress=False)
+    alone = ip.evaluate(model, {"p": shared["p"]}, splits, n_boot=0, batch_size=1, progress=False)
     for a, b in zip(padded.records, alone.records, strict=True):
         assert (a.split, a.metric, a.hook) == (b.split, b.metric, b.hook)
         assert a.value == pytest.approx(b.value, rel=1e-4, abs=1e-5, nan_ok=True), (a.split, a.metric)

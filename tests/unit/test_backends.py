@@ -7,7 +7,7 @@ import torch
 
 import illusion_probe as ip
 from illusion_probe.backends import Backend, transformer_lens_major
-from illusion_probe.hook_names import resid_pre
+from illusion_probe.hook_names import final_norm_in, resid_post, resid_pre
 from tests.helpers import hook_count
 
 EXPECTED_KIND = {"hooked": "hooked", "bridge": "bridge", "bridge_hf": "bridge_hf"}
@@ -66,6 +66,31 @@ def test_feature_shapes_are_measured_once(model_family) -> None:
     finally:
         handle.remove()
     assert not calls  # cached on the adapter: no forward pass the second time
+
+
+def test_fitting_at_the_last_block_never_runs_the_unembedding(model_family, random_train_split) -> None:
+    """Hooks up to the final residual stop there (no full-vocabulary logits) and fit what a whole pass fits."""
+    last = [resid_post(model_family.cfg.n_layers - 1)]
+    hooks = last if Backend.of(model_family).kind == "hooked" else [*last, final_norm_in()]  # bridges only
+    wanted = {f"{s.method}@{hook}": {hook: s} for hook in hooks for s in (ip.MeanAblation(), ip.PCA(rank=3))}
+    calls: list[int] = []
+    handle = model_family.unembed.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        early = ip.fit_proxies(model_family, wanted, random_train_split, batch_size=8)
+        assert not calls
+        whole = ip.fit_proxies(model_family, {**wanted, "late": {"ln_final.hook_normalized": ip.MeanAblation()}},
+                               random_train_split, batch_size=8)  # a hook after the blocks: the whole model runs
+        assert calls
+    finally:
+        handle.remove()
+    for name, proxy in early.items():
+        (hook, simplifier), = proxy.simplifiers.items()
+        expected = whole[name].simplifiers[hook].state_dict()
+        for key, value in simplifier.state_dict().items():
+            torch.testing.assert_close(value, expected[key], msg=f"{name}: {key}")
+    mean = {hook: early[f"mean_ablation@{hook}"].simplifiers[hook].state_dict()["mean"] for hook in hooks}
+    assert all(torch.equal(value, mean[last[0]]) for value in mean.values())  # ln_final.hook_in: the same residual
+    assert hook_count(model_family) == 0
 
 
 def test_not_a_hooked_model() -> None:
