@@ -21,7 +21,7 @@ from torch import Tensor
 from illusion_probe.backends import Backend
 from illusion_probe.errors import require
 from illusion_probe.hook_names import is_attention_pattern, resolve_hook_name
-from illusion_probe.tasks.base import Split, check_tokens
+from illusion_probe.tasks.base import Split, check_split, check_tokens
 
 
 def collect_activations(
@@ -46,6 +46,7 @@ def collect_activations(
     Yields:
         One dict per batch; a batch with no selected position is skipped.
     """
+    check_split(split, "collect_activations")
     backend = Backend.of(model)
     names = list(dict.fromkeys(hook_names))
     require(len(names) > 0, "collect_activations: give at least one hook name")

@@ -131,6 +131,7 @@ BAD = [
     Bad("evaluate_ablation_unknown", lambda m, t, d: _evaluate(m, t, ablation="median"), "unknown ablation 'median'"),
     Bad("evaluate_metric_unknown", lambda m, t, d: _evaluate(m, t, metrics=["agreemnt"]), "did you mean 'agreement'"),
     Bad("sweep_on_one_split", lambda m, t, d: ip.sweep(m, t, hooks=[K]), "sweep: splits must be a SplitSet or {name: Split}, got one Split"),
+    Bad("collect_on_a_split_set", lambda m, t, d: next(ip.collect_activations(m, ip.SplitSet([t]), [K])), "collect_activations: split must be an ip.Split, got SplitSet"),
     Bad("evaluate_proxy_of_another_model", lambda m, t, d: _evaluate(_fresh_model(), t, proxies={"p": _pca(m, t)}), "was fit where"),
     # saved proxies
     Bad("load_missing_folder", lambda m, t, d: ip.Proxy.load(d / "nope"), "metadata.json: missing"),
