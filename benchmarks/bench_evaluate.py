@@ -41,7 +41,7 @@ def clean_seconds(model, splits, batch_size: int, longest_first: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=2000, help="sequences per split")
-    parser.add_argument("--batch-size", type=int, default=64, help="evaluate batch size (its default)")
+    parser.add_argument("--batch-size", type=int, default=128, help="evaluate batch size (its default)")
     parser.add_argument("--backend", default="auto", help="auto, hooked (TransformerLens < 4) or bridge")
     parser.add_argument("--repeats", type=int, default=3, help="evaluate runs per variant")
     args = parser.parse_args()

@@ -109,10 +109,11 @@ class _Sums:
         self.arrays: dict[Hashable, np.ndarray] = {}
 
     def add(self, key: tuple[str, str, str, str], values: Tensor) -> None:
-        """Add ``values`` ``[batch, ...]`` to the rows of the current batch."""
-        found = values.detach().to("cpu", torch.float64).numpy()
+        """Add ``values`` ``[batch, ...]`` to the rows of the current batch, kept in their own precision (at least
+        float32): a row holds one sequence's sum, and sums across sequences are taken in float64 (:mod:`stats`)."""
+        found = values.detach().to("cpu", torch.promote_types(values.dtype, torch.float32)).numpy()
         if key not in self.arrays:
-            self.arrays[key] = np.zeros((self.n_rows, *found.shape[1:]))
+            self.arrays[key] = np.zeros((self.n_rows, *found.shape[1:]), dtype=found.dtype)
         self.arrays[key][self.start:self.start + len(found)] += found
 
     def table(self, n_sequences: int) -> dict[Hashable, np.ndarray]:
@@ -159,7 +160,7 @@ def evaluate(
     *,
     metrics: Sequence[str | AnyMetric] | None = None,
     answer_ids: Int[Tensor, " answers"] | Sequence[int] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     batch_tokens: int | None = 4096,
     chunk_size: int | None = None,
     n_boot: int = 1000,
@@ -180,7 +181,7 @@ def evaluate(
         metrics: metric names or objects; ``None`` computes every registered metric.
         answer_ids: output ids a prediction is chosen among when there is no task; ``None`` means the
             model's whole output vocabulary (``d_vocab_out``).
-        batch_size: sequences per forward pass at most (64 measured fastest on CPU).
+        batch_size: sequences per forward pass at most (128 measured fastest on CPU, ``benchmarks/bench_evaluate.py``).
         batch_tokens: positions per forward pass at most (sequences times the longest), so that long
             sequences come in smaller batches; the passes' temporaries, and so peak memory, grow with
             it. ``None``: no limit.

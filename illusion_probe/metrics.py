@@ -52,9 +52,17 @@ class Predictions:
         return F.log_softmax(self.logits.float(), dim=-1)
 
     @functools.cached_property
+    def probs(self) -> Float[Tensor, "n vocab"]:
+        """Probabilities over the full output vocabulary: ``exp(logp)``, computed once for every proxy compared."""
+        return self.logp.exp()
+
+    @functools.cached_property
     def pred(self) -> Int[Tensor, " n"]:
         """The predicted output id: the argmax over ``answer_ids``."""
-        return self.answer_ids[self.logits.index_select(-1, self.answer_ids).argmax(-1)]
+        ids, n = self.answer_ids, self.logits.shape[-1]
+        if len(ids) == n and bool((ids == torch.arange(n, device=ids.device)).all()):
+            return self.logits.argmax(-1)  # every output id in order: no copy of the logits
+        return ids[self.logits.index_select(-1, ids).argmax(-1)]
 
 
 @dataclass(frozen=True)
@@ -244,8 +252,7 @@ class KLDivergence(PositionMean):
     higher_is_better = False
 
     def value(self, scored: Scored) -> Tensor:
-        p = scored.model.logp
-        return (p.exp() * (p - scored.proxy.logp)).sum(-1)
+        return (scored.model.probs * (scored.model.logp - scored.proxy.logp)).sum(-1)
 
 
 @register_metric

@@ -91,7 +91,7 @@ class EvaluationConfig:
 
     max_sequences: int = 2000
     n_boot: int = 1000
-    batch_size: int = 64
+    batch_size: int = 128
     batch_tokens: int = 4096
     ablation: str = "mean"
     difficulty_bins: int = 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,13 @@ def test_a_model_with_another_output_vocabulary(classifier) -> None:
     assert results.select(split="test", proxy="p", metric="agreement")[0].n_positions == split.n_scored
     narrowed = ip.evaluate(classifier, {"p": proxy}, splits, answer_ids=[0, 1, 2], n_boot=0, progress=False)
     assert narrowed.value("test", "p", "acc_model") <= 1.0
+    # Every output id in order takes a plain argmax; the same ids in another order the general path: same numbers.
+    everything = ip.evaluate(classifier, {"p": proxy}, splits, answer_ids=list(range(7)), n_boot=0, progress=False)
+    shuffled = ip.evaluate(classifier, {"p": proxy}, splits, answer_ids=[3, 6, 0, 5, 1, 4, 2], n_boot=0, progress=False)
+    default = ip.evaluate(classifier, {"p": proxy}, splits, n_boot=0, progress=False)
+    for other in (everything, shuffled):
+        assert [r.metric for r in other.records] == [r.metric for r in default.records]
+        np.testing.assert_array_equal([r.value for r in other.records], [r.value for r in default.records])
     with pytest.raises(ip.IllusionProbeError, match=r"answer_ids must lie in the model's output vocabulary \[0, 7\)"):
         ip.evaluate(classifier, {"p": proxy}, splits, answer_ids=[3, 9], progress=False)
     bad = ip.Split.from_scored(split.tokens, split.eval_mask, torch.full_like(split.tokens, 9), name="test")
