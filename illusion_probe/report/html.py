@@ -93,15 +93,17 @@ def _verdict_section(results: Results, proxies: list[str]) -> str:
             "is refitted on half of the OOD split and scored on the other half; refit closes: what that refit "
             "recovers; random: the gap of the same form with random structure (docs/concepts.md). Red: less "
             f"faithful out of distribution, significant at {ALPHA:g} after a Holm correction across the "
-            f"{len(adjusted)} gaps of the first three gap columns.{_ablation_note(proxies)}</p>")
+            f"{len(adjusted)} gaps of the first three gap columns.{_ablation_note(results, proxies)}</p>")
     table = _table(["proxy", "OOD split", f"agreement {reference}", "agreement OOD", "gap", "difficulty-matched gap",
                     "refit ceiling", "refit closes", "random baseline gap", "model accuracy"], rows)
     return f"{note}<div class='verdict'>{table}</div>"
 
 
-def _ablation_note(proxies: list[str]) -> str:
+def _ablation_note(results: Results, proxies: list[str]) -> str:
     """Why one ablation of keys and queries stands for both, when the study shows one."""
-    if not any(p.startswith(("mean_ablation@", "zero_ablation@")) and "hook_k" in p and "hook_q" in p for p in proxies):
+    edits = {r.proxy: (r.method, {hook.rsplit(".", 1)[-1] for hook in r.hooks.split("+")}) for r in results.records}
+    if not any(edits[p][0] in ("mean_ablation", "zero_ablation") and edits[p][1] == {"hook_k", "hook_q"}
+               for p in proxies if p in edits):
         return ""
     return (" Ablating keys and queries to their mean or to zero is the same edit in effect (every key equal, so every "
             "query attends uniformly), so one ablation baseline is shown.")

@@ -186,3 +186,19 @@ def test_seed_agreement_counts_each_seeds_corrected_verdict_per_family() -> None
     assert row["gaps"] == {0: 0.4, 1: 0.4, 2: -0.4} and row["proxies"] == {s: "pca(4)@h" for s in range(3)}
     with pytest.raises(IllusionProbeError, match="at least one seed"):
         seed_agreement({})
+
+
+def test_the_ablation_note_follows_the_edit_not_the_name() -> None:
+    from illusion_probe.report.html import _ablation_note
+
+    def results(proxy: str, method: str, hooks: str) -> Results:
+        record = Record(split="test", role="id", proxy=proxy, method=method, size=None, category="all",
+                        metric="agreement", value=0.5, ci_low=0.4, ci_high=0.6, n_positions=10, n_sequences=2,
+                        hooks=hooks)
+        return Results(records=[record], gaps=[], metrics=[], meta={})
+
+    kq = "blocks.1.attn.hook_k+blocks.1.attn.hook_q"
+    assert "same edit" in _ablation_note(results("baseline", "mean_ablation", kq), ["baseline"])
+    assert "same edit" in _ablation_note(results("z", "zero_ablation", kq), ["z"])
+    assert _ablation_note(results("mean_ablation@hook_k+hook_q", "pca", kq), ["mean_ablation@hook_k+hook_q"]) == ""
+    assert _ablation_note(results("a", "mean_ablation", "blocks.1.attn.hook_k"), ["a"]) == ""
