@@ -74,8 +74,8 @@ _EXPORTS: dict[str, str] = {
     "load_study": "illusion_probe.study",
     "reproduce": "illusion_probe.pipeline",
     "load_model": "illusion_probe.loading",
-    "audit": "illusion_probe.audit",
-    "AuditConfig": "illusion_probe.audit",
+    "audit": "illusion_probe.auditing",
+    "AuditConfig": "illusion_probe.auditing",
 }
 
 #: Submodules reachable as attributes (``ip.models``, ``ip.metrics``, ...).
@@ -102,7 +102,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from illusion_probe.audit import AuditConfig, audit
+    from illusion_probe.auditing import AuditConfig, audit
     from illusion_probe.checkpoint import load_checkpoint, save_checkpoint
     from illusion_probe.errors import ArtifactError, IllusionProbeError, IllusionProbeWarning
     from illusion_probe.evaluation import evaluate

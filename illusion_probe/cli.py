@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from illusion_probe.audit import audit, audit_config
+    from illusion_probe.auditing import audit, audit_config
 
     _set_threads(args.threads)
     splits = {}
