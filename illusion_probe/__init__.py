@@ -79,9 +79,9 @@ _EXPORTS: dict[str, str] = {
 }
 
 #: Submodules reachable as attributes (``ip.models``, ``ip.metrics``, ...).
-_SUBMODULES = ("analysis", "backends", "checkpoint", "cli", "config", "errors", "evaluation", "hook_names", "loading",
-               "metrics", "models", "pipeline", "registry", "report", "results", "simplify", "stats", "study", "sweeps", "tasks",
-               "training")
+_SUBMODULES = ("analysis", "auditing", "backends", "checkpoint", "cli", "config", "controls", "difficulty", "distributed",
+               "errors", "evaluation", "hook_names", "loading", "metrics", "models", "pipeline", "registry", "report",
+               "results", "simplify", "stats", "study", "sweeps", "tasks", "training")
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 
 from illusion_probe.backends import Backend
 from illusion_probe.config import apply_overrides, check_types, from_table, read_toml
+from illusion_probe.distributed import log, world
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
 from illusion_probe.hook_names import attn_pattern, resolve_hook_name
@@ -146,9 +146,6 @@ def audit_config(overrides: Mapping[str, Any], config: str | os.PathLike | None 
     return from_table(AuditConfig, {**audit, "evaluation": evaluation}, "[audit]")
 
 
-def _log(message: str) -> None:
-    print(f"[illusion-probe] {message}", file=sys.stderr, flush=True)
-
 
 def _check_files(config: AuditConfig) -> None:
     for name, path in [("fit", config.fit), *config.splits]:
@@ -163,7 +160,7 @@ def audit(config: AuditConfig, out: str | os.PathLike, device: str = "auto", pro
     _check_files(config)
     specs = [ProxySpec.parse(spec) for spec in config.proxies]
     out_dir = check_output_dir(out)
-    _log(f"loading {config.model}")
+    log(f"loading {config.model}")
     model = load_model(config.model, device)
     backend = Backend.of(model)
     wanted = {name: simplifiers for spec in specs for name, simplifiers in spec.simplifiers().items()}
@@ -172,9 +169,9 @@ def audit(config: AuditConfig, out: str | os.PathLike, device: str = "auto", pro
             resolve_hook_name(model, hook)
         check_hooks(backend, simplifiers)
     splits = _splits(model, config)
-    _log(f"fitting {len(wanted)} proxies on {len(splits['train'])} windows of {config.fit}")
+    log(f"fitting {len(wanted)} proxies on {len(splits['train'])} windows of {config.fit}")
     proxies = fit_proxies(model, wanted, splits["train"], config.n_fit_sequences, progress=progress)
-    _log("evaluating")
+    log("evaluating")
     tick = time.perf_counter()
     settings = config.evaluation
     evaluated = SplitSet([split.head(config.max_sequences) for split in splits.values()])
@@ -183,10 +180,11 @@ def audit(config: AuditConfig, out: str | os.PathLike, device: str = "auto", pro
                        difficulty_bins=settings.difficulty_bins if evaluated.by_role("id") else 0)  # no gaps without id
     results = results.with_meta(audit=dataclasses.asdict(config), model=config.model,
                                 evaluate_seconds=round(time.perf_counter() - tick, 2),
-                                text={s.name: s.meta for s in splits.values()})
-    results.to_csv(out_dir / "results.csv")
-    results.to_json(out_dir / "results.json")
-    write_report(results, out_dir / "report.html", title=f"illusion-probe audit: {config.model}")
+                                text={s.name: s.meta for s in splits.values()}, processes=world().size)
+    if world().is_main:
+        results.to_csv(out_dir / "results.csv")
+        results.to_json(out_dir / "results.json")
+        write_report(results, out_dir / "report.html", title=f"illusion-probe audit: {config.model}")
     return results
 
 
@@ -196,7 +194,7 @@ def _splits(model: torch.nn.Module, config: AuditConfig) -> SplitSet:
         split = Split.from_text(model, path, role=role, window=config.window, name=name, stride=config.stride,
                                 max_sequences=cap)
         skipped = ", ".join(f"{n} {why}" for why, n in split.meta["skipped"].items())
-        _log(f"{name}: {split.meta['windows']} windows, {split.meta['tokens']} tokens from "
+        log(f"{name}: {split.meta['windows']} windows, {split.meta['tokens']} tokens from "
              f"{split.meta['documents_used']} documents of {path}" + (f" (skipped: {skipped})" if skipped else ""))
         return split
 

@@ -26,17 +26,25 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> list:
-    """A prepared run for every requested seed; each seed gets ``OUT/seed_N`` when there are several."""
+    """A prepared run for every requested seed; each seed gets ``OUT/seed_N`` when there are several. Under
+    ``torchrun`` every process prepares them, and a problem any process finds stops them all."""
+    from illusion_probe.distributed import agree
     from illusion_probe.pipeline import prepare
     from illusion_probe.study import load_study
 
-    require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
-    require(args.out.strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")
-    _set_threads(args.threads)
-    study = load_study(args.task, args.preset, args.config, args.set)
-    out = Path(args.out)
-    return [prepare(study, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed, force=args.force)
-            for seed in range(args.seeds)]
+    runs, problem = [], None
+    try:
+        require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
+        require(args.out.strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")
+        _set_threads(args.threads)
+        study = load_study(args.task, args.preset, args.config, args.set)
+        out = Path(args.out)
+        runs = [prepare(study, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed, force=args.force)
+                for seed in range(args.seeds)]
+    except IllusionProbeError as err:
+        problem = err
+    agree(problem)
+    return runs
 
 
 THREADS_HELP = ("CPU threads for torch: these models are small, and more threads than idle cores slow a shared "
@@ -90,6 +98,7 @@ def print_summary(results, files: Sequence[Path]) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from illusion_probe.distributed import world
     from illusion_probe.pipeline import analyse_stage, evaluate_stage, fit_stage, report_stage, train_stage
 
     by_seed = {}
@@ -97,10 +106,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         model, info = train_stage(run, allow_training=args.command != "evaluate")
         proxies = fit_stage(run, model)
         results = evaluate_stage(run, model, proxies, info)
-        files = report_stage(run, results, analyse_stage(run, model))
-        print_summary(results, files)
+        if world().is_main:  # the other processes are done
+            print_summary(results, report_stage(run, results, analyse_stage(run, model)))
         by_seed[run.seed] = results
-    if len(by_seed) > 1:
+    if len(by_seed) > 1 and world().is_main:
         print_seed_agreement(by_seed, Path(args.out) / "seeds.json")
     return 0
 
@@ -126,16 +135,19 @@ def print_seed_agreement(by_seed: dict, path: Path) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from illusion_probe.distributed import world
     from illusion_probe.pipeline import train_stage
 
     for run in _runs(args):
         _, info = train_stage(run)
-        print(f"wrote: {run.out / 'checkpoint'} (trained in {info.get('train_seconds', 0)} s)")
+        if world().is_main:
+            print(f"wrote: {run.out / 'checkpoint'} (trained in {info.get('train_seconds', 0)} s)")
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
     from illusion_probe.auditing import audit, audit_config
+    from illusion_probe.distributed import world
 
     _set_threads(args.threads)
     splits = {}
@@ -147,7 +159,8 @@ def _audit(args: argparse.Namespace) -> int:
                            "window": args.window, "max_sequences": args.max_sequences}, args.config, args.set)
     results = audit(config, args.out, args.device)
     out = Path(args.out)
-    print_summary(results, [out / "results.json", out / "results.csv", out / "report.html"])
+    if world().is_main:
+        print_summary(results, [out / "results.json", out / "results.csv", out / "report.html"])
     return 0
 
 
@@ -250,22 +263,42 @@ def _no_empty_output(out: str | None) -> Iterator[None]:
         raise
 
 
+def _process() -> str:
+    """`` (process R of N)`` when running under torchrun, else nothing."""
+    import torch.distributed as dist
+
+    from illusion_probe.distributed import world
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    here = world()
+    return f" (process {here.rank} of {here.size})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code (tests call ``main([...])`` directly)."""
+    """Console entry point; returns the exit code (tests call ``main([...])`` directly).
+
+    Under ``torchrun`` every process runs the command (:mod:`illusion_probe.distributed`); a process that
+    stops because another failed exits without a message, so the first error is printed once."""
+    from illusion_probe import distributed
+
     args = build_parser().parse_args(argv)
     run: Command = args.run
     try:
         with _no_empty_output(getattr(args, "out", None) if args.command != "report" else None):
+            distributed.world()  # joins the process group under torchrun, before any work
             return run(args)
+    except distributed.PeerFailed:
+        return 1
     except IllusionProbeError as err:
-        print(f"illusion-probe: error: {err}", file=sys.stderr)
+        print(f"illusion-probe: error{_process()}: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the environment, not the input: a file that cannot be read, a full disk
         where = f"{err.filename}: " if err.filename else ""
-        print(f"illusion-probe: error: {where}{err.strerror or err}", file=sys.stderr)
+        print(f"illusion-probe: error{_process()}: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except MemoryError:
-        print("illusion-probe: error: out of memory; use smaller batches (--set evaluation.batch_size=16) or "
+        print(f"illusion-probe: error{_process()}: out of memory; use smaller batches (--set evaluation.batch_size=16) or "
               "fewer sequences", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

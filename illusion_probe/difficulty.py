@@ -30,6 +30,7 @@ from torch import Tensor
 
 from illusion_probe import stats
 from illusion_probe.backends import Backend
+from illusion_probe.distributed import gather_interleaved, world
 from illusion_probe.metrics import Predictions
 from illusion_probe.results import MATCHED, Record
 from illusion_probe.tasks.base import Split, SplitSet
@@ -43,7 +44,20 @@ def bin_label(index: int) -> str:
 
 
 def model_confidence(backend: Backend, split: Split, answer_ids: Tensor, batch_size: int, chunk: int) -> Tensor:
-    """``[n, pos]`` the clean model's probability of its own prediction at each scored position (NaN elsewhere)."""
+    """``[n, pos]`` the clean model's probability of its own prediction at each scored position (NaN elsewhere).
+
+    Under many processes each computes every ``size``-th sequence, and the rows are gathered.
+    """
+    here = world()
+    if not here.is_distributed:
+        return _confidence(backend, split, answer_ids, batch_size, chunk)
+    mine = _confidence(backend, split.select(here.interleaved(len(split))), answer_ids, batch_size, chunk)
+    padded = torch.full((len(mine), split.tokens.shape[1]), float("nan"), dtype=torch.float32)
+    padded[:, : mine.shape[1]] = mine
+    return gather_interleaved({"confidence": padded}, len(split))["confidence"]
+
+
+def _confidence(backend: Backend, split: Split, answer_ids: Tensor, batch_size: int, chunk: int) -> Tensor:
     confidence = torch.full(split.tokens.shape, float("nan"), dtype=torch.float32)
     for start in range(0, len(split), batch_size):
         rows = slice(start, min(start + batch_size, len(split)))

@@ -18,6 +18,7 @@ Per-sequence sums then feed one sequence-level bootstrap per split (:mod:`illusi
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from illusion_probe import difficulty, stats
 from illusion_probe.backends import Backend
 from illusion_probe.controls import control_gaps, plan_controls
+from illusion_probe.distributed import World, gather_interleaved, world
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import first_layer, is_after_blocks, is_attention_pattern, resid_pre
 from illusion_probe.metrics import AnyMetric, HookMetric, Metric, PositionMean, Predictions, Scored, resolve_metrics
@@ -235,7 +237,9 @@ def evaluate(
     timings = defaultdict(float)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=sum(len(s) for s in splits.values()), desc="evaluate", unit="seq", disable=not progress)
+    here = world()
+    bar = tqdm(total=sum(len(range(len(s))[here.interleaved(len(s))]) for s in splits.values()), desc="evaluate",
+               unit="seq", disable=not (progress and here.is_main))
     try:
         with torch.no_grad():
             if difficulty_bins:
@@ -245,9 +249,11 @@ def evaluate(
             sums = _Sums(max(len(split) for split in splits.values()))
             for index, split in enumerate(splits.values()):
                 sums.reset()
-                _evaluate_split(backend, plan, split, sums, batch_size, batch_tokens, chunk, timings, bar)
+                shard = _shard(split, here)
+                _evaluate_split(backend, plan, shard, sums, batch_size, batch_tokens, chunk, timings, bar)
                 weights = stats.bootstrap_weights(len(split), n_boot, seed + index)
-                records += _split_records(plan, split, sums.table(len(split)), weights, samples)
+                table = _gathered(sums.table(len(shard)), len(split))
+                records += _split_records(plan, split, table, weights, samples)
     finally:
         bar.close()
         model.train(was_training)
@@ -416,6 +422,24 @@ def _evaluate_split(backend: Backend, plan: _Plan, split: Split, sums: _Sums, ba
         timings["scoring_s"] += time.perf_counter() - tick
         sums.start += len(batch)
         bar.update(len(batch))
+
+
+def _shard(split: Split, here: World) -> Split:
+    """This process's sequences of ``split``: every ``here.size``-th in longest-first order, so that the shards of
+    all processes cost alike and their per-sequence rows interleave into the order one process would use."""
+    if not here.is_distributed:
+        return split
+    order = torch.sort(split.lengths, descending=True, stable=True).indices
+    return split.select(order[here.interleaved(len(split))])
+
+
+def _gathered(table: dict[Hashable, np.ndarray], n_sequences: int) -> dict[Hashable, np.ndarray]:
+    """The per-sequence sums of the whole split from every process's shard (:func:`_shard`); alone, ``table``."""
+    if not world().is_distributed:
+        return table
+    names = {json.dumps(list(key)): key for key in table}
+    whole = gather_interleaved({name: torch.from_numpy(table[key]) for name, key in names.items()}, n_sequences)
+    return {tuple(json.loads(name)): rows.numpy() for name, rows in whole.items()}
 
 
 def _store(sink: dict, key: Any, transform: Any = None) -> Any:

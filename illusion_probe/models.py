@@ -17,6 +17,7 @@ import torch
 
 from illusion_probe.backends import transformer_lens_major
 from illusion_probe.config import check_types
+from illusion_probe.distributed import local_cuda_device
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.provenance import package_version
 
@@ -140,13 +141,14 @@ def resolve_backend(backend: str) -> Backend:
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` becomes ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
+    """``"auto"`` becomes ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error. Under
+    ``torchrun``, ``cuda`` is the process's own GPU, ``cuda:LOCAL_RANK``."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise IllusionProbeError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
     require(device == "cpu" or device.startswith("cuda"), f"unknown device {device!r}; use auto, cpu or cuda")
-    return device
+    return local_cuda_device() if device == "cuda" else device
 
 
 def _sizes(task_or_sizes: HasSizes | dict[str, int]) -> ModelSizes:

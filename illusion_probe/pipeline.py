@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from illusion_probe.analysis.verdicts import featured_proxies
 from illusion_probe.artifacts import atomic_directory, read_json, write_json
 from illusion_probe.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
 from illusion_probe.controls import CATEGORIES
+from illusion_probe.distributed import log, world
 from illusion_probe.errors import ArtifactError, IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
 from illusion_probe.hook_names import attn_k, attn_pattern, attn_q, mlp_out, resid_pre
@@ -46,9 +46,6 @@ def fingerprint(*parts: Any) -> str:
     """Stable short hash of JSON-serialisable parts: a stage is reused only if its inputs match."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-def _log(message: str) -> None:
-    print(f"[illusion-probe] {message}", file=sys.stderr, flush=True)
 
 
 def check_output_dir(where: str | os.PathLike) -> Path:
@@ -153,7 +150,7 @@ def _read(run: Run, stage: str) -> Any | None:
         return artefact.read(artefact.path)
     except ArtifactError as err:
         if run.force:
-            _log(f"redoing the {stage} stage (--force): {err}")
+            log(f"redoing the {stage} stage (--force): {err}")
             return None
         raise ArtifactError(f"{err}; delete {artefact.path} or rerun with --force to redo the {stage} stage") from None
 
@@ -173,9 +170,9 @@ def _reuse(run: Run, stage: str) -> Any | None:
         return None
     artefact = _artefact(run, stage)
     if artefact.stamp_of(found) != run.stamps[stage]:
-        _log(f"redoing the {stage} stage: {artefact.path} was made from other inputs")
+        log(f"redoing the {stage} stage: {artefact.path} was made from other inputs")
         return None
-    _log(f"reusing {artefact.what} in {artefact.path}")
+    log(f"reusing {artefact.what} in {artefact.path}")
     return found
 
 
@@ -187,12 +184,13 @@ def train_stage(run: Run, allow_training: bool = True) -> tuple[torch.nn.Module,
         metadata, (model, _) = saved
         return model, metadata["extra"]
     require(allow_training, f"no finished checkpoint for this study and seed in {path}; run `illusion-probe train` first")
-    _log("training")
+    log("training")
     tick = time.perf_counter()
     history = train(run.model, run.splits, run.train_config, task=run.task)
     info = {"fingerprint": run.stamps["train"], "train_seconds": round(time.perf_counter() - tick, 2),
-            "history": history}
-    save_checkpoint(path, run.model, run.task, extra=info)
+            "processes": world().size, "history": history}
+    if world().is_main:
+        save_checkpoint(path, run.model, run.task, extra=info)
     return run.model, info
 
 
@@ -246,8 +244,10 @@ def fit_stage(run: Run, model: torch.nn.Module) -> dict[str, Proxy]:
     saved = _reuse(run, "fit")
     if saved is not None:
         return saved[1]
-    _log("fitting proxies")
+    log("fitting proxies")
     proxies = study_proxies(model, run)
+    if not world().is_main:
+        return proxies
     with atomic_directory(path) as staging:
         folders = [(name, f"proxy_{i:03d}") for i, name in enumerate(proxies)]
         for name, folder in folders:
@@ -262,13 +262,13 @@ def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], 
     saved = _reuse(run, "evaluate")
     if saved is not None:
         return saved
-    _log("evaluating")
+    log("evaluating")
     config = run.study.evaluation
     tick = time.perf_counter()
     options = dict(batch_size=config.batch_size, batch_tokens=config.batch_tokens, n_boot=config.n_boot,
                    seed=run.seed, ablation=config.ablation, difficulty_bins=config.difficulty_bins)
     results = evaluate(model, proxies, _evaluation_splits(run), run.task, **options)
-    _log("controls: refit ceiling and random baseline of the featured proxies")
+    log("controls: refit ceiling and random baseline of the featured proxies")
     featured = featured_proxies(results)
     controlled = evaluate(model, {name: proxies[name] for name in featured}, _evaluation_splits(run), run.task,
                           controls=featured, **{**options, "difficulty_bins": 0})  # the controls read category all
@@ -277,9 +277,10 @@ def evaluate_stage(run: Run, model: torch.nn.Module, proxies: dict[str, Proxy], 
     results = results.with_meta(fingerprint=run.stamps["evaluate"], study=run.study.to_dict(), seed=run.seed,
                                 train_seconds=train_info.get("train_seconds"),
                                 training_history=_accuracy_history(train_info),
-                                evaluate_seconds=round(time.perf_counter() - tick, 2))
-    results.to_csv(run.out / "results.csv")
-    results.to_json(path)  # last: a results.json that exists is a finished stage
+                                evaluate_seconds=round(time.perf_counter() - tick, 2), processes=world().size)
+    if world().is_main:
+        results.to_csv(run.out / "results.csv")
+        results.to_json(path)  # last: a results.json that exists is a finished stage
     return results
 
 
@@ -294,7 +295,9 @@ def _evaluation_splits(run: Run) -> SplitSet:
 
 
 def analyse_stage(run: Run, model: torch.nn.Module) -> Projection:
-    """Keys and queries of the analysed head on the train split's top two components (``out/projection.json``)."""
+    """Keys and queries of the analysed head on the train split's top two components (``out/projection.json``).
+
+    Under many processes, the main process alone runs this stage and the report (the others have finished)."""
     path = run.out / "projection.json"
     saved = _reuse(run, "analyse")
     if saved is not None:
@@ -311,7 +314,7 @@ def report_stage(run: Run, results: Results, projection: Projection) -> list[Pat
     """Write ``report.html``; returns every artefact of the run (its folders and files)."""
     report = write_report(results, run.out / "report.html", title=f"illusion-probe: {run.study.name}, seed {run.seed}",
                           projection=projection)
-    _log(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, opens offline)")
+    log(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, opens offline)")
     return [run.out / name for name in ("checkpoint", "proxies", "results.json", "results.csv", "projection.json")] + [report]
 
 
@@ -324,5 +327,6 @@ def reproduce(study: StudyConfig, out: str | os.PathLike, device: str = "auto", 
     model, train_info = train_stage(run)
     proxies = fit_stage(run, model)
     results = evaluate_stage(run, model, proxies, train_info)
-    report_stage(run, results, analyse_stage(run, model))
+    if world().is_main:
+        report_stage(run, results, analyse_stage(run, model))
     return results

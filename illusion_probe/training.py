@@ -4,6 +4,11 @@ Masked next-token cross-entropy on real positions (:attr:`Split.lm_mask`), AdamW
 warm-up then cosine or linear decay to a floor, batch order from an explicit generator (global
 RNGs are never touched). Works for ``HookedTransformer`` and ``TransformerBridge`` alike: the
 model maps ``[batch, pos]`` tokens to ``[batch, pos, d_vocab]`` logits.
+
+Under ``torchrun`` training is data-parallel: every process draws the same batch order, computes
+the loss of every ``size``-th sequence of each batch as its share of the batch's mean, and the
+gradients are summed across processes before clipping and the optimiser step, so every process
+keeps the same weights. It is reproducible for a seed and a number of processes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 
 from illusion_probe.backends import Backend
 from illusion_probe.config import check_types
+from illusion_probe.distributed import all_reduce, broadcast, world
 from illusion_probe.errors import require
 from illusion_probe.tasks.base import Split, SplitSet, Task, as_split_set, check_tokens
 
@@ -111,20 +117,39 @@ def accuracy(
     """Share of scored positions (``split.eval_mask``) where :func:`predict` equals the target."""
     backend = Backend.of(model)
     subset = split if max_sequences is None else split.head(max_sequences)
-    correct = total = 0
+    here = world()
+    if here.is_distributed:  # each process scores every size-th sequence
+        subset = subset.select(here.interleaved(len(subset)))
+    counts = torch.zeros(2, dtype=torch.float64)  # correct, scored
     for batch in subset.batches(batch_size):
         batch = batch.to(backend.device)
         hit = predict(backend.logits(batch.tokens, batch.real_mask), answer_ids) == batch.targets
-        correct += int((hit & batch.eval_mask).sum())
-        total += int(batch.eval_mask.sum())
+        counts += torch.tensor([int((hit & batch.eval_mask).sum()), int(batch.eval_mask.sum())])
+    correct, total = all_reduce(counts).tolist()
     return correct / max(total, 1)
 
 
-def lm_loss(backend: Backend, batch: Split) -> Tensor:
-    """Mean next-token cross-entropy over ``batch.lm_mask``."""
+def lm_loss(backend: Backend, batch: Split, n_predicted: int | None = None) -> Tensor:
+    """Next-token cross-entropy over ``batch.lm_mask``: the mean, or the sum divided by ``n_predicted`` (the
+    predicted tokens of the whole batch, of which this process holds a share)."""
     logits = backend.logits(batch.tokens, batch.real_mask)
     mask = batch.lm_mask[:, :-1]
-    return F.cross_entropy(logits[:, :-1][mask], batch.tokens[:, 1:][mask])
+    predicted, targets = logits[:, :-1][mask], batch.tokens[:, 1:][mask]
+    if n_predicted is None:
+        return F.cross_entropy(predicted, targets)
+    return F.cross_entropy(predicted, targets, reduction="sum") / n_predicted
+
+
+def _combine_gradients(parameters: list[torch.nn.Parameter], loss: Tensor) -> float:
+    """Sum every process's gradients (each process's loss is its share of the batch's mean) and return the
+    batch's loss; what ``DistributedDataParallel`` does after ``backward``, in one all-reduce."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = all_reduce(torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1).to(grads[0])]))
+    start = 0
+    for grad in grads:
+        grad.copy_(flat[start:start + grad.numel()].view_as(grad))
+        start += grad.numel()
+    return float(flat[-1])
 
 
 def check_splits(splits: SplitSet, cfg: TrainConfig) -> None:
@@ -168,6 +193,13 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
     require(isinstance(cfg, TrainConfig), f"train: cfg must be an ip.TrainConfig, got {type(cfg).__name__}")
     splits = as_split_set(splits, "train")
     _check(model, splits, cfg, task)
+    here = world()
+    require(cfg.batch_size >= here.size, f"train: {here.size} processes share batches of {cfg.batch_size} sequences; "
+            "raise train.batch_size to at least the number of processes")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for parameter in parameters:  # every process starts from the main process's weights, as DDP does
+        with torch.no_grad():
+            broadcast(parameter.data)
     backend = Backend.of(model)
     device = backend.device
     answer_ids = None if task is None else task.answer_ids
@@ -179,7 +211,7 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
     losses: list[float] = []
     train_time = 0.0
     start = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, desc="train", disable=not cfg.progress, unit="step")
+    bar = tqdm(total=cfg.max_steps, desc="train", disable=not (cfg.progress and here.is_main), unit="step")
     try:
         for step in range(cfg.max_steps):
             tick = time.perf_counter()
@@ -189,12 +221,16 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
             model.train()
-            loss = lm_loss(backend, train_split.select(index).to(device))
-            losses.append(loss.item())
-            require(math.isfinite(losses[-1]), f"train: the loss became {losses[-1]} at step {step + 1}: training "
-                    f"diverged; lower train.lr (now {cfg.lr:g}) and rerun")
+            if here.is_distributed:  # each process takes every size-th sequence of the batch
+                n_predicted = int(train_split.lm_mask[index][:, :-1].sum())
+                loss = lm_loss(backend, train_split.select(index[here.interleaved(len(index))]).to(device), n_predicted)
+            else:
+                loss = lm_loss(backend, train_split.select(index).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            losses.append(_combine_gradients(parameters, loss) if here.is_distributed else loss.item())
+            require(math.isfinite(losses[-1]), f"train: the loss became {losses[-1]} at step {step + 1}: training "
+                    f"diverged; lower train.lr (now {cfg.lr:g}) and rerun")
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from illusion_probe.distributed import all_reduce
 from illusion_probe.registry import register_simplifier
 from illusion_probe.simplify.base import FittedSimplifier, Simplifier
 
@@ -40,6 +41,12 @@ class MeanAblation(FittedSimplifier):
 
     def accumulate(self, x: Tensor) -> None:
         self._sum += x.to(torch.float64).sum(dim=0)
+
+    def combine_accumulators(self) -> None:
+        all_reduce(self._sum)
+
+    def drop_accumulators(self) -> None:
+        vars(self).pop("_sum", None)
 
     def finish(self) -> None:
         self.mean = (self._sum / self._n_seen).to(torch.float32)

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from illusion_probe.distributed import all_reduce
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import is_attention_pattern, is_attention_scores
 from illusion_probe.registry import SIMPLIFIERS
@@ -197,6 +198,13 @@ class FittedSimplifier(Simplifier):
     on; simplifiers of one class at one hook with equal keys are then fitted from one stream, the
     others taking the first one's accumulators through ``adopt(leader)``. ``finish`` must then treat
     its accumulators as read-only (other simplifiers finish from them too).
+
+    Fitting across processes (``torchrun``). Each process streams a contiguous shard of the fit
+    sequences; ``combine_accumulators()`` then makes every process's accumulators those of the whole
+    stream (an all-reduce of PCA's moments, a gather of k-means' sample), and each process finishes
+    every ``world.size``-th simplifier and sends its state to the others, which take it through
+    ``receive_fitted`` and ``drop_accumulators()``. A family without ``combine_accumulators()`` fits
+    in one process only, and says so.
     """
 
     needs_data: ClassVar[bool] = True
@@ -353,6 +361,35 @@ class FittedSimplifier(Simplifier):
         self.check_feature_dim(leader._pending[1])
         self._pending, self._n_seen = leader._pending, leader._n_seen
         self.adopt(leader)
+        return self
+
+    # -- many processes (illusion_probe.distributed) ------------------------------------
+    def stream_from(self, offset: int) -> None:
+        """Before streaming: this process's shard of the stream starts after ``offset`` samples of the whole
+        stream (families that draw a random key per sample skip the keys of the samples before it)."""
+        return None
+
+    def combine_shards(self) -> None:
+        """After every process streamed its shard: make the accumulators, and the sample count, those of the
+        whole stream on every process. Called on every process, for the same simplifiers, in the same order."""
+        self._n_seen = int(all_reduce(torch.tensor(self._n_seen, dtype=torch.float64)))
+        self.combine_accumulators()
+
+    def combine_accumulators(self) -> None:
+        """Combine this process's accumulators with the other processes' (all-reduce a sum, gather a sample)."""
+        raise IllusionProbeError(f"{type(self).__name__} cannot be fitted by several processes: it does not define "
+                                 "combine_accumulators(); fit it in one process")
+
+    def drop_accumulators(self) -> None:
+        """Forget the accumulators without fitting: another process finished from the same ones."""
+        return None
+
+    def receive_fitted(self, config: dict[str, Any], state: dict[str, Tensor]) -> FittedSimplifier:
+        """Take the state another process finished from the same (combined) accumulators, instead of
+        :meth:`finalize`. Returns ``self``."""
+        self._load_state(config, state)
+        self._pending = None
+        self.drop_accumulators()
         return self
 
     def check_feature_dim(self, feature: int) -> None:

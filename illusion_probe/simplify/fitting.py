@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from illusion_probe.backends import Backend
+from illusion_probe.distributed import World, all_gather, world
 from illusion_probe.errors import require
 from illusion_probe.hook_names import is_per_head, resolve_hook_name
 from illusion_probe.simplify.base import FittedSimplifier, Simplifier
@@ -99,23 +100,25 @@ def fit_proxies_with(backend: Backend, wanted: Mapping[str, Mapping[str, Simplif
             f"fit_proxy: the first {n} sequences of split {split.name!r} hold no real token to fit on")
     for _, simplifier in jobs:
         simplifier.check_sample_count(n_tokens)
-    with tqdm(total=len(fitted), desc="fit", unit="proxy", disable=not progress) as bar:
+    here = world()
+    shards = [split.real_mask[World(rank, here.size).block(n)].sum() for rank in range(here.size)]
+    require(not jobs or all(shards), f"fit_proxy: {here.size} processes share the first {n} sequences of split "
+            f"{split.name!r}, and some process would get no real token; fit on more sequences or run fewer processes")
+    with tqdm(total=len(fitted), desc="fit", unit="proxy", disable=not (progress and here.is_main)) as bar:
         if jobs:
             bar.set_postfix_str(f"collecting {n} sequences", refresh=True)
-            _accumulate(backend, jobs, split, n, batch_size)
-        for name, simplifiers in fitted.items():
-            bar.set_postfix_str(name, refresh=False)
-            for simplifier in simplifiers.values():
-                if simplifier.needs_data:
-                    simplifier.finalize()
-            bar.update()
+            _accumulate(backend, jobs, split, here.block(n), batch_size)
+        _finish([s for simplifiers in fitted.values() for s in simplifiers.values() if s.needs_data], here)
+        bar.update(len(fitted))
     fit_info = {"split": split.name, "role": split.role, "n_sequences": n, "n_tokens": n_tokens}
     return {name: Proxy(simplifiers, name=name, feature_shapes=shapes[name], fit_info=fit_info, backend=backend.kind)
             for name, simplifiers in fitted.items()}
 
 
-def _accumulate(backend: Backend, jobs: list[tuple[str, Simplifier]], split: Split, n: int, batch_size: int) -> None:
-    """Stream ``split`` once into ``jobs``: one simplifier per sharing group accumulates, the others share its state."""
+def _accumulate(backend: Backend, jobs: list[tuple[str, Simplifier]], split: Split, shard: slice,
+                batch_size: int) -> None:
+    """Stream this process's ``shard`` of ``split``'s sequences once into ``jobs``, then combine the shards of
+    every process: one simplifier per sharing group accumulates, the others share its state."""
     leaders: dict[Hashable, tuple[str, Simplifier]] = {}
     followers: list[tuple[FittedSimplifier, Hashable]] = []
     for hook, simplifier in jobs:
@@ -130,15 +133,39 @@ def _accumulate(backend: Backend, jobs: list[tuple[str, Simplifier]], split: Spl
             leaders[group] = (hook, simplifier)
     readers = [(hook, simplifier, simplifier.input_hook(hook)) for hook, simplifier in leaders.values()]
     hooks = list(dict.fromkeys(name for hook, _, source in readers for name in (hook, source) if name is not None))
-    for batch in collect_activations(backend.model, split, hooks, n_sequences=n, batch_size=batch_size):
+    offset = int(split.real_mask[: shard.start].sum())
+    for _, simplifier, _ in readers:
+        simplifier.stream_from(offset)
+    for batch in collect_activations(backend.model, split.select(shard), hooks, batch_size=batch_size):
         for hook, simplifier, source in readers:
             acts = batch[hook] if simplifier.per_head else batch[hook].flatten(1)
             if source is None:
                 simplifier.partial_fit(acts)
             else:  # a transcoder: (MLP input, MLP output) pairs at the same positions
                 simplifier.partial_fit(acts, inputs=batch[source].flatten(1))  # type: ignore[call-arg]
+    if world().is_distributed:
+        for _, simplifier, _ in readers:
+            simplifier.combine_shards()
     for follower, group in followers:
         follower.share_accumulated(leaders[group][1])
+
+
+def _finish(simplifiers: list[FittedSimplifier], here: World) -> None:
+    """Finalize every simplifier: each process finishes every ``here.size``-th one and sends its state to the others."""
+    mine = range(here.rank, len(simplifiers), here.size)
+    for index in mine:
+        simplifiers[index].finalize()
+    if not here.is_distributed:
+        return
+    states = {f"{index}/{name}": tensor for index in mine for name, tensor in simplifiers[index].state_dict().items()}
+    configs = {index: simplifiers[index].config() for index in mine}
+    for tensors, sent in all_gather(states, configs):
+        for key, config in sent.items():
+            index = int(key)
+            if index % here.size != here.rank:
+                prefix = f"{index}/"
+                simplifiers[index].receive_fitted(config, {name.removeprefix(prefix): t for name, t in tensors.items()
+                                                           if name.startswith(prefix)})
 
 
 def _check_simplifiers(simplifiers: Mapping[str, Simplifier]) -> None:
