@@ -29,7 +29,7 @@ def _runs(args: argparse.Namespace) -> list:
     """A prepared run for every requested seed; each seed gets ``OUT/seed_N`` when there are several. Under
     ``torchrun`` every process prepares them, and a problem any process finds stops them all."""
     from illusion_probe.distributed import agree
-    from illusion_probe.pipeline import prepare
+    from illusion_probe.pipeline import prepare, require_checkpoint
     from illusion_probe.study import load_study
 
     runs, problem = [], None
@@ -41,6 +41,9 @@ def _runs(args: argparse.Namespace) -> list:
         out = Path(args.out)
         runs = [prepare(study, out if args.seeds == 1 else out / f"seed_{seed}", args.device, seed, force=args.force)
                 for seed in range(args.seeds)]
+        if args.command == "evaluate":
+            for run in runs:
+                require_checkpoint(run)
     except IllusionProbeError as err:
         problem = err
     agree(problem)

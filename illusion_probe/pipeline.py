@@ -176,6 +176,13 @@ def _reuse(run: Run, stage: str) -> Any | None:
     return found
 
 
+def require_checkpoint(run: Run) -> None:
+    """Raise unless ``out/checkpoint`` holds a finished checkpoint of this study and seed (for ``evaluate``)."""
+    found = _read(run, "train")
+    require(found is not None and _artefact(run, "train").stamp_of(found) == run.stamps["train"],
+            f"no finished checkpoint for this study and seed in {run.out / 'checkpoint'}; run `illusion-probe train` first")
+
+
 def train_stage(run: Run, allow_training: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model: the checkpoint in ``out/checkpoint`` when its fingerprint matches, else trained now."""
     path = run.out / "checkpoint"
@@ -183,7 +190,8 @@ def train_stage(run: Run, allow_training: bool = True) -> tuple[torch.nn.Module,
     if saved is not None:
         metadata, (model, _) = saved
         return model, metadata["extra"]
-    require(allow_training, f"no finished checkpoint for this study and seed in {path}; run `illusion-probe train` first")
+    if not allow_training:
+        require_checkpoint(run)
     log("training")
     tick = time.perf_counter()
     history = train(run.model, run.splits, run.train_config, task=run.task)

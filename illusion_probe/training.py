@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from illusion_probe.backends import Backend
 from illusion_probe.config import check_types
-from illusion_probe.distributed import all_reduce, broadcast, world
+from illusion_probe.distributed import all_reduce, broadcast, sum_gradients, world
 from illusion_probe.errors import require
 from illusion_probe.tasks.base import Split, SplitSet, Task, as_split_set, check_tokens
 
@@ -140,18 +140,6 @@ def lm_loss(backend: Backend, batch: Split, n_predicted: int | None = None) -> T
     return F.cross_entropy(predicted, targets, reduction="sum") / n_predicted
 
 
-def _combine_gradients(parameters: list[torch.nn.Parameter], loss: Tensor) -> float:
-    """Sum every process's gradients (each process's loss is its share of the batch's mean) and return the
-    batch's loss; what ``DistributedDataParallel`` does after ``backward``, in one all-reduce."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = all_reduce(torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1).to(grads[0])]))
-    start = 0
-    for grad in grads:
-        grad.copy_(flat[start:start + grad.numel()].view_as(grad))
-        start += grad.numel()
-    return float(flat[-1])
-
-
 def check_splits(splits: SplitSet, cfg: TrainConfig) -> None:
     """Raise unless ``splits`` hold the ``train`` split and the split early stopping watches (no model needed)."""
     require("train" in splits, f"train needs a 'train' split; got {', '.join(splits)}")
@@ -228,7 +216,7 @@ def train(model: torch.nn.Module, splits: SplitSet, cfg: TrainConfig | None = No
                 loss = lm_loss(backend, train_split.select(index).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            losses.append(_combine_gradients(parameters, loss) if here.is_distributed else loss.item())
+            losses.append(float(sum_gradients(parameters, loss)) if here.is_distributed else loss.item())
             require(math.isfinite(losses[-1]), f"train: the loss became {losses[-1]} at step {step + 1}: training "
                     f"diverged; lower train.lr (now {cfg.lr:g}) and rerun")
             if cfg.grad_clip > 0:

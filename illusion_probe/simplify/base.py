@@ -203,11 +203,15 @@ class FittedSimplifier(Simplifier):
     sequences; ``combine_accumulators()`` then makes every process's accumulators those of the whole
     stream (an all-reduce of PCA's moments, a gather of k-means' sample), and each process finishes
     every ``world.size``-th simplifier and sends its state to the others, which take it through
-    ``receive_fitted`` and ``drop_accumulators()``. A family without ``combine_accumulators()`` fits
-    in one process only, and says so.
+    ``receive_fitted`` and ``drop_accumulators()`` (a family with ``finishes_together`` instead
+    finishes on every process at once, data-parallel). A family without ``combine_accumulators()``
+    fits in one process only, and says so.
     """
 
     needs_data: ClassVar[bool] = True
+    #: Under torchrun, ``finish`` runs on every process at once and is data-parallel inside (sparse dictionaries);
+    #: otherwise each process finishes its share of the simplifiers and sends their states to the others.
+    finishes_together: ClassVar[bool] = False
 
     def __init__(self, per_head: bool | None = None):
         require(per_head is None or isinstance(per_head, bool),

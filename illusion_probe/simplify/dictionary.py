@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from illusion_probe.distributed import all_reduce, sum_gradients, world
 from illusion_probe.errors import require
 from illusion_probe.simplify.reservoir import SampledSimplifier
 
@@ -61,6 +62,7 @@ class SparseDictionary(SampledSimplifier):
 
     size_option: ClassVar[str | None] = "d_sae"
     has_latents: ClassVar[bool] = True
+    finishes_together = True  # training is data-parallel across processes
     #: Whether the encoder reads the input minus the decoder bias (SAEs: input and output are one space).
     centre_input: ClassVar[bool]
 
@@ -113,26 +115,32 @@ class SparseDictionary(SampledSimplifier):
             tensor.requires_grad_(True)
         optimiser = torch.optim.Adam(params.values(), lr=self.lr)
         last_fired = torch.zeros(self.d_sae, dtype=torch.long)  # epoch in which each latent last fired
+        here = world()  # under torchrun, each process takes every size-th row of each batch
         with torch.enable_grad():
             for epoch in range(1, self.epochs + 1):
                 dead = last_fired < epoch - 1  # silent through the whole previous epoch
                 for rows in torch.randperm(len(x), generator=generator).split(self.batch_size):
-                    pre = self._pre(x[rows], params["W_enc"], params["b_enc"], params["b_dec"])
+                    share = rows[here.interleaved(len(rows))]
+                    pre = self._pre(x[share], params["W_enc"], params["b_enc"], params["b_dec"])
                     codes = self._codes(pre)
-                    error = y[rows] - (codes @ params["W_dec"] + params["b_dec"])
-                    loss = error.pow(2).sum(1).mean() + self._penalty(codes, pre, error, dead, params["W_dec"])
+                    error = y[share] - (codes @ params["W_dec"] + params["b_dec"])
+                    loss = (_batch_mean(error.pow(2).sum(1), len(rows))
+                            + self._penalty(codes, pre, error, dead, params["W_dec"], len(rows)))
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
+                    fired = (codes > 0).any(0)
+                    if here.is_distributed:
+                        fired = sum_gradients(list(params.values()), fired.float()) > 0
                     optimiser.step()
                     with torch.no_grad():
                         params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True).clamp_min(1e-12)
-                        last_fired[(codes > 0).any(0)] = epoch
+                        last_fired[fired] = epoch
         state = {name: t.detach() for name, t in params.items()}
         with torch.no_grad():
             fired = sum((self._codes(self._pre(chunk, state["W_enc"], state["b_enc"], state["b_dec"])) > 0).sum(0)
-                        for chunk in x.split(FREQUENCY_CHUNK))
+                        for chunk in x[here.interleaved(len(x))].split(FREQUENCY_CHUNK))
         return {**state, "scale_in": scale_in.reshape(1), "scale_out": scale_out.reshape(1),
-                "train_frequency": fired.double().div(len(x)).float()}
+                "train_frequency": all_reduce(fired).double().div(len(x)).float()}
 
     def _pre(self, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
         """Pre-activations ``[n, d_sae]`` of scaled inputs ``[n, d_in]``."""
@@ -145,10 +153,11 @@ class SparseDictionary(SampledSimplifier):
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
-    def _penalty(self, codes: Tensor, pre: Tensor, error: Tensor, dead: Tensor, decoder: Tensor) -> Tensor:
-        """L1 for ReLU dictionaries; for TopK, the auxiliary reconstruction of the error by dead latents."""
+    def _penalty(self, codes: Tensor, pre: Tensor, error: Tensor, dead: Tensor, decoder: Tensor, batch: int) -> Tensor:
+        """L1 for ReLU dictionaries; for TopK, the auxiliary reconstruction of the error by dead latents (the
+        rows' share of the mean over a ``batch`` of rows)."""
         if self.architecture == "relu":
-            return self.l1_coefficient * codes.abs().sum(1).mean()
+            return self.l1_coefficient * _batch_mean(codes.abs().sum(1), batch)
         n_dead = int(dead.sum())
         if n_dead == 0 or self.aux_coefficient == 0:
             return pre.new_zeros(())
@@ -156,7 +165,7 @@ class SparseDictionary(SampledSimplifier):
         dead_pre = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
         aux_codes = torch.zeros_like(pre).scatter(-1, dead_pre.indices, torch.relu(dead_pre.values))
         aux_error = error.detach() - aux_codes @ decoder
-        return self.aux_coefficient * aux_error.pow(2).sum(1).mean()
+        return self.aux_coefficient * _batch_mean(aux_error.pow(2).sum(1), batch)
 
     # -- state --------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
@@ -216,6 +225,12 @@ class SparseDictionary(SampledSimplifier):
         """The latents of a whole activation ``source``: the hook's own (SAE) or the MLP input (transcoder)."""
         codes = self.encode(self.fitted_inputs(source))
         return codes.reshape(*self._grouped(source).shape[:-2], *codes.shape[1:])
+
+def _batch_mean(terms: Tensor, batch: int) -> Tensor:
+    """The mean of ``terms`` over a batch of ``batch`` rows, of which ``terms`` hold this process's share (the
+    shares of every process sum to the batch's mean); alone, the plain mean."""
+    return terms.mean() if len(terms) == batch else terms.sum() / batch
+
 
 def _unit_scale(x: Tensor) -> Tensor:
     """The factor that makes the mean squared norm of the rows of ``x`` equal to its width."""

@@ -151,8 +151,13 @@ def _accumulate(backend: Backend, jobs: list[tuple[str, Simplifier]], split: Spl
 
 
 def _finish(simplifiers: list[FittedSimplifier], here: World) -> None:
-    """Finalize every simplifier: each process finishes every ``here.size``-th one and sends its state to the others."""
-    mine = range(here.rank, len(simplifiers), here.size)
+    """Finalize every simplifier: those that finish together on every process (data-parallel); of the others,
+    each process finishes every ``here.size``-th one and sends its state to the others."""
+    for simplifier in simplifiers:
+        if simplifier.finishes_together:
+            simplifier.finalize()
+    alone = [index for index, simplifier in enumerate(simplifiers) if not simplifier.finishes_together]
+    mine = alone[here.rank::here.size]
     for index in mine:
         simplifiers[index].finalize()
     if not here.is_distributed:
@@ -162,7 +167,7 @@ def _finish(simplifiers: list[FittedSimplifier], here: World) -> None:
     for tensors, sent in all_gather(states, configs):
         for key, config in sent.items():
             index = int(key)
-            if index % here.size != here.rank:
+            if index not in mine:
                 prefix = f"{index}/"
                 simplifiers[index].receive_fitted(config, {name.removeprefix(prefix): t for name, t in tensors.items()
                                                            if name.startswith(prefix)})

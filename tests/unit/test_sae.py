@@ -53,11 +53,11 @@ def test_the_auxiliary_loss_trains_only_dead_latents_on_the_residual_error() -> 
     pre = torch.randn(10, 6, generator=generator).requires_grad_(True)
     error = torch.randn(10, 4, generator=generator)
     dead = torch.tensor([False, False, False, False, True, True])
-    ip.SAE(6, k=2)._penalty(torch.relu(pre), pre, error, dead, decoder).backward()
+    ip.SAE(6, k=2)._penalty(torch.relu(pre), pre, error, dead, decoder, 10).backward()
     assert decoder.grad is not None and pre.grad is not None
     assert decoder.grad[~dead].abs().sum() == 0 and decoder.grad[dead].abs().sum() > 0  # only dead rows learn
     assert pre.grad[:, ~dead].abs().sum() == 0
-    switched_off = ip.SAE(6, k=2, aux_coefficient=0)._penalty(torch.relu(pre), pre, error, dead, decoder)
+    switched_off = ip.SAE(6, k=2, aux_coefficient=0)._penalty(torch.relu(pre), pre, error, dead, decoder, 10)
     assert float(switched_off) == 0 and not switched_off.requires_grad
 
 
