@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (tests call ``main([...])`` directly).
 
     Under ``torchrun`` every process runs the command (:mod:`illusion_probe.distributed`); a process that
-    stops because another failed exits without a message, so the first error is printed once."""
+    stops because another failed exits without repeating its error (the main process says it stopped)."""
     from illusion_probe import distributed
 
     args = build_parser().parse_args(argv)
@@ -291,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _no_empty_output(getattr(args, "out", None) if args.command != "report" else None):
             distributed.world()  # joins the process group under torchrun, before any work
             return run(args)
-    except distributed.PeerFailed:
+    except distributed.PeerFailed as err:  # the process that failed says why; the main process adds one line
+        if distributed.world().is_main:
+            print(f"illusion-probe: error{_process()}: {err}", file=sys.stderr)
         return 1
     except IllusionProbeError as err:
         print(f"illusion-probe: error{_process()}: {err}", file=sys.stderr)

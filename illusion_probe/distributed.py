@@ -10,8 +10,8 @@ combines through the helpers here, so that every process ends with the whole ans
 - :func:`all_gather`: every process's named tensors and JSON metadata, e.g. k-means samples, fitted
   states and evaluation tables. Tensors travel as safetensors bytes: nothing is ever unpickled.
 
-A collective that fails because another process died or timed out raises :class:`PeerFailed`, which
-the command line exits on without printing: the process that failed first prints its own error, once.
+A collective that fails because another process died raises :class:`PeerFailed`: the process that
+failed prints its own error, and of the others only the main process adds that it stopped.
 A process that hangs makes the others fail after ``ILLUSION_PROBE_TIMEOUT_S`` seconds (default 300).
 """
 

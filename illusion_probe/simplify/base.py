@@ -209,9 +209,6 @@ class FittedSimplifier(Simplifier):
     """
 
     needs_data: ClassVar[bool] = True
-    #: Under torchrun, ``finish`` runs on every process at once and is data-parallel inside (sparse dictionaries);
-    #: otherwise each process finishes its share of the simplifiers and sends their states to the others.
-    finishes_together: ClassVar[bool] = False
 
     def __init__(self, per_head: bool | None = None):
         require(per_head is None or isinstance(per_head, bool),
@@ -383,6 +380,12 @@ class FittedSimplifier(Simplifier):
         """Combine this process's accumulators with the other processes' (all-reduce a sum, gather a sample)."""
         raise IllusionProbeError(f"{type(self).__name__} cannot be fitted by several processes: it does not define "
                                  "combine_accumulators(); fit it in one process")
+
+    @property
+    def finishes_together(self) -> bool:
+        """Whether, under torchrun, every process runs ``finish`` at once (data-parallel inside it); otherwise each
+        process finishes its share of the simplifiers and sends their states to the others."""
+        return False
 
     def drop_accumulators(self) -> None:
         """Forget the accumulators without fitting: another process finished from the same ones."""

@@ -20,7 +20,10 @@ trains one dictionary per group (head) in torch with Adam, for a fixed number of
 After training, each latent's firing frequency on the training sample is kept with the weights
 (``train_frequency``), the in-distribution reference of the dictionary metrics. Every group starts
 from ``seed``, so fitting per head equals fitting each head alone, and the result is reproducible on
-CPU for a given thread count.
+CPU for a given thread count. Under ``torchrun`` each process trains whole dictionaries, or, with
+``data_parallel=True``, every process trains each one: it holds the whole sample and draws the same
+batches, computes its share (every ``size``-th row) of each batch's loss, and the gradients and the
+firing record are summed across processes before each step.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from illusion_probe.distributed import all_reduce, sum_gradients, world
+from illusion_probe.distributed import World, all_reduce, sum_gradients, world
 from illusion_probe.errors import require
 from illusion_probe.simplify.reservoir import SampledSimplifier
 
@@ -58,17 +61,21 @@ class SparseDictionary(SampledSimplifier):
         seed: seeds the sample, the initialisation and the batch order.
         max_samples: cap on samples kept for training (seeded uniform subsample beyond it).
         per_head: one dictionary per head of ``[batch, pos, head, d_head]``.
+        data_parallel: under ``torchrun``, train each dictionary on every process at once, each taking a
+            share of every batch (for a large dictionary); by default each process trains whole dictionaries
+            of the study in turn, which is bit-identical to one process and, for small dictionaries, faster
+            (measured: one all-reduce per step cost about 2 ms with gloo on CPU).
     """
 
     size_option: ClassVar[str | None] = "d_sae"
     has_latents: ClassVar[bool] = True
-    finishes_together = True  # training is data-parallel across processes
     #: Whether the encoder reads the input minus the decoder bias (SAEs: input and output are one space).
     centre_input: ClassVar[bool]
 
     def __init__(self, d_sae: int, k: int = 8, architecture: str = "topk", l1_coefficient: float = 0.3,
                  aux_coefficient: float = 1 / 32, epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
-                 seed: int = 0, max_samples: int = 200_000, per_head: bool | None = None):
+                 seed: int = 0, max_samples: int = 200_000, per_head: bool | None = None,
+                 data_parallel: bool = False):
         super().__init__(per_head)
         name = type(self).__name__
         for option, value in (("d_sae", d_sae), ("k", k), ("epochs", epochs), ("batch_size", batch_size),
@@ -83,6 +90,8 @@ class SparseDictionary(SampledSimplifier):
                     f"{name}: {option} must be a number >= 0, got {value!r}")
         require(lr > 0, f"{name}: lr must be positive, got {lr!r}")
         require(isinstance(seed, int) and not isinstance(seed, bool), f"{name}: seed must be an integer, got {seed!r}")
+        require(isinstance(data_parallel, bool), f"{name}: data_parallel must be True or False, got {data_parallel!r}")
+        self.data_parallel = data_parallel
         self.d_sae, self.k, self.architecture = d_sae, k, architecture
         self.l1_coefficient, self.aux_coefficient = float(l1_coefficient), float(aux_coefficient)
         self.epochs, self.batch_size, self.lr, self.seed, self.max_samples = epochs, batch_size, float(lr), seed, max_samples
@@ -91,7 +100,11 @@ class SparseDictionary(SampledSimplifier):
         return {**super().options(), "d_sae": self.d_sae, "k": self.k, "architecture": self.architecture,
                 "l1_coefficient": self.l1_coefficient, "aux_coefficient": self.aux_coefficient,
                 "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                "max_samples": self.max_samples}
+                "max_samples": self.max_samples, "data_parallel": self.data_parallel}
+
+    @property
+    def finishes_together(self) -> bool:
+        return self.data_parallel
 
     def describe(self) -> str:
         sparsity = f"k={self.k}" if self.architecture == "topk" else f"l1={self.l1_coefficient:g}"
@@ -115,7 +128,7 @@ class SparseDictionary(SampledSimplifier):
             tensor.requires_grad_(True)
         optimiser = torch.optim.Adam(params.values(), lr=self.lr)
         last_fired = torch.zeros(self.d_sae, dtype=torch.long)  # epoch in which each latent last fired
-        here = world()  # under torchrun, each process takes every size-th row of each batch
+        here = world() if self.data_parallel else World()  # data-parallel: every size-th row of each batch
         with torch.enable_grad():
             for epoch in range(1, self.epochs + 1):
                 dead = last_fired < epoch - 1  # silent through the whole previous epoch
@@ -139,8 +152,10 @@ class SparseDictionary(SampledSimplifier):
         with torch.no_grad():
             fired = sum((self._codes(self._pre(chunk, state["W_enc"], state["b_enc"], state["b_dec"])) > 0).sum(0)
                         for chunk in x[here.interleaved(len(x))].split(FREQUENCY_CHUNK))
+        if here.is_distributed:
+            all_reduce(fired)
         return {**state, "scale_in": scale_in.reshape(1), "scale_out": scale_out.reshape(1),
-                "train_frequency": all_reduce(fired).double().div(len(x)).float()}
+                "train_frequency": fired.double().div(len(x)).float()}
 
     def _pre(self, x: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
         """Pre-activations ``[n, d_sae]`` of scaled inputs ``[n, d_in]``."""

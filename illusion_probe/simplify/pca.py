@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from illusion_probe.distributed import all_reduce, world
+from illusion_probe.distributed import all_reduce, broadcast
 from illusion_probe.errors import IllusionProbeWarning, require
 from illusion_probe.registry import register_simplifier
 from illusion_probe.simplify.base import FittedSimplifier
@@ -212,15 +212,15 @@ class Moments:
     def combine(self) -> None:
         """Sum every process's moments into this one's, about the main process's shift (in float64)."""
         assert self.shift is not None, "no samples accumulated"
-        main_shift = all_reduce(self.shift.double() if world().is_main else torch.zeros_like(self.shift, dtype=torch.float64))
+        main_shift = broadcast(self.shift.to(torch.float64, copy=True))
         delta = self.shift.double() - main_shift  # x - main_shift = (x - shift) + delta, row by row
         outer = self.sum.unsqueeze(-1) * delta.unsqueeze(-2)
         self.gram += outer + outer.transpose(-1, -2) + self.n * delta.unsqueeze(-1) * delta.unsqueeze(-2)
         self.sum += self.n * delta
-        count = all_reduce(torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device))
-        all_reduce(self.sum)
-        all_reduce(self.gram)
-        self.n, self.shift = int(count), main_shift.to(self.shift.dtype)
+        total = all_reduce(torch.cat([self.sum.new_tensor([self.n]), self.sum.flatten(), self.gram.flatten()]))
+        self.n, self.shift = int(total[0]), main_shift.to(self.shift.dtype)
+        self.sum = total[1:1 + self.sum.numel()].view_as(self.sum)
+        self.gram = total[1 + self.sum.numel():].view_as(self.gram)
 
     def spectrum(self, center: bool) -> tuple[Tensor, Tensor, Tensor]:
         """``(mean, eigenvalues, eigenvectors)`` of the covariance (``center``) or the uncentred second

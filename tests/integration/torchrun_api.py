@@ -36,7 +36,7 @@ def run(out: Path) -> None:
     wanted = {
         **sweep_simplifiers(["blocks.0.attn.hook_k", "blocks.0.attn.hook_q"], "pca", [1, 4]),
         **sweep_simplifiers(["blocks.0.attn.hook_k", "blocks.0.attn.hook_q"], "kmeans", [2, 4]),
-        **sweep_simplifiers(["blocks.0.hook_resid_pre"], "sae", [8], k=2, epochs=2, seed=0),
+        **sweep_simplifiers(["blocks.0.hook_resid_pre"], "sae", [8], k=2, epochs=2, seed=0, data_parallel=True),
         **sweep_simplifiers(["blocks.0.hook_mlp_out"], "transcoder", [8], k=2, epochs=2, seed=0),
         **sweep_simplifiers(["blocks.0.attn.hook_k", "blocks.0.attn.hook_q"], "mean_ablation"),
     }
