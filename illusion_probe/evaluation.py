@@ -18,7 +18,7 @@ Per-sequence sums then feed one sequence-level bootstrap per split (:mod:`illusi
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from illusion_probe import difficulty, stats
 from illusion_probe.backends import Backend
 from illusion_probe.controls import control_gaps, plan_controls
-from illusion_probe.distributed import World, gather_interleaved, world
+from illusion_probe.distributed import World, all_gather, gather_interleaved, world
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.hook_names import first_layer, is_after_blocks, is_attention_pattern, resid_pre
 from illusion_probe.metrics import AnyMetric, HookMetric, Metric, PositionMean, Predictions, Scored, resolve_metrics
@@ -204,7 +204,8 @@ def evaluate(
 
     Returns:
         :class:`Results`: every metric per split, proxy and position category (hook metrics per
-        hook), and ID-vs-OOD gaps.
+        hook), and ID-vs-OOD gaps. Under ``torchrun`` each process scores its share of every split
+        and every process returns the same results (:mod:`illusion_probe.distributed`).
     """
     splits = as_split_set(splits, "evaluate")
     backend = Backend.of(model)
@@ -247,13 +248,32 @@ def evaluate(
                                for s in splits.values()}
                 splits = difficulty.with_confidence_bins(splits, confidences, reference, difficulty_bins)
             sums = _Sums(max(len(split) for split in splits.values()))
+            mine: dict[int, list[Record]] = {}  # each split's records, from one process
+
+            def bootstrap(index: int, split: Split, table: dict[Hashable, np.ndarray]) -> None:
+                weights = stats.bootstrap_weights(len(split), n_boot, seed + index)
+                mine[index] = _split_records(plan, split, table, weights, samples)
+
+            # Under torchrun every split is evaluated before any is combined: no process waits for another
+            # until the end. Split i's table then goes whole to every process, and process i % size bootstraps it.
+            shards: dict[int, dict[Hashable, np.ndarray]] = {}
             for index, split in enumerate(splits.values()):
                 sums.reset()
                 shard = _shard(split, here)
                 _evaluate_split(backend, plan, shard, sums, batch_size, batch_tokens, chunk, timings, bar)
-                weights = stats.bootstrap_weights(len(split), n_boot, seed + index)
-                table = _gathered(sums.table(len(shard)), len(split))
-                records += _split_records(plan, split, table, weights, samples)
+                if here.is_distributed:
+                    shards[index] = {key: rows.copy() for key, rows in sums.table(len(shard)).items()}
+                else:
+                    bootstrap(index, split, sums.table(len(split)))
+            owned = []
+            for index, split in enumerate(splits.values()):
+                if index in shards:
+                    table = _gathered(shards.pop(index), len(split))
+                    if index % here.size == here.rank:
+                        owned.append((index, split, table))
+            for job in owned:
+                bootstrap(*job)
+            records = _exchanged(mine, samples)
     finally:
         bar.close()
         model.train(was_training)
@@ -434,12 +454,42 @@ def _shard(split: Split, here: World) -> Split:
 
 
 def _gathered(table: dict[Hashable, np.ndarray], n_sequences: int) -> dict[Hashable, np.ndarray]:
-    """The per-sequence sums of the whole split from every process's shard (:func:`_shard`); alone, ``table``."""
+    """The per-sequence sums of the whole split from every process's shard (:func:`_shard`); alone, ``table``.
+
+    The arrays travel as one ``[sequences, columns]`` block per dtype (thousands of small arrays cost more to
+    send than their bytes), laid out by the union of every process's keys (a key a process lacks is zero).
+    """
     if not world().is_distributed:
         return table
-    names = {json.dumps(list(key)): key for key in table}
-    whole = gather_interleaved({name: torch.from_numpy(table[key]) for name, key in names.items()}, n_sequences)
-    return {tuple(json.loads(name)): rows.numpy() for name, rows in whole.items()}
+    found = [meta for _, meta in all_gather({}, [[list(k), a.dtype.str, list(a.shape[1:])] for k, a in table.items()])]
+    layout = list(dict.fromkeys((tuple(k), dtype, tuple(shape)) for keys in found for k, dtype, shape in keys))
+    rows = len(next(iter(table.values()))) if table else 0
+    blocks = {dtype: torch.from_numpy(np.concatenate(
+        [table[k].reshape(rows, -1) if k in table else np.zeros((rows, int(np.prod(shape))), dtype)
+         for k, d, shape in layout if d == dtype], axis=1)) for dtype in dict.fromkeys(d for _, d, _ in layout)}
+    whole = {dtype: block.numpy() for dtype, block in gather_interleaved(blocks, n_sequences).items()}
+    start = dict.fromkeys(whole, 0)
+    out = {}
+    for key, dtype, shape in layout:
+        width = int(np.prod(shape))
+        out[key] = whole[dtype][:, start[dtype]:start[dtype] + width].reshape(n_sequences, *shape)
+        start[dtype] += width
+    return out
+
+
+def _exchanged(mine: dict[int, list[Record]], samples: dict[tuple[str, str, str, str, str], np.ndarray]
+               ) -> list[Record]:
+    """Every split's records in split order, from the process that computed them (``mine``: split index ->
+    records), with their bootstrap samples added to ``samples``; alone, ``mine``'s records."""
+    if world().is_distributed:
+        sent = {"records": {index: [dataclasses.asdict(r) for r in records] for index, records in mine.items()},
+                "samples": [list(key) for key in samples]}  # their rows, in one array: fewer, larger messages
+        stacked = {"samples": torch.from_numpy(np.stack(list(samples.values())))} if samples else {}
+        for tensors, found in all_gather(stacked, sent):
+            mine.update({int(index): [Record(**r) for r in records] for index, records in found["records"].items()})
+            samples.update({tuple(key): boot.numpy() for key, boot in zip(found["samples"], tensors.get("samples", []),
+                                                                         strict=True)})
+    return [record for index in sorted(mine) for record in mine[index]]
 
 
 def _store(sink: dict, key: Any, transform: Any = None) -> Any:

@@ -330,6 +330,8 @@ def reproduce(study: StudyConfig, out: str | os.PathLike, device: str = "auto", 
     """The whole study: train (or reuse), fit every proxy, evaluate every split, analyse, and write into ``out``.
 
     Writes ``checkpoint/``, ``proxies/``, ``results.json``, ``results.csv``, ``projection.json`` and ``report.html``.
+    Under ``torchrun`` the processes share every stage, each returns the same results, and the main
+    process alone writes.
     """
     run = prepare(study, out, device, seed)
     model, train_info = train_stage(run)

@@ -70,6 +70,8 @@ def fit_proxies(
 
     The arguments are as for :func:`fit_proxy`; ``progress`` shows a bar over the proxies. Returns
     ``{proxy name: Proxy}`` in the order of ``wanted``, each equal to :func:`fit_proxy` on its own.
+    Under ``torchrun`` each process streams its share of the sequences and every process returns every
+    proxy (:mod:`illusion_probe.distributed`).
     """
     return fit_proxies_with(Backend.of(model), wanted, split, n_sequences, batch_size, allow_non_train, progress)
 
