@@ -27,7 +27,7 @@ import torch
 
 from illusion_probe.backends import Backend
 from illusion_probe.config import apply_overrides, check_types, from_table, read_toml
-from illusion_probe.distributed import log, world
+from illusion_probe.distributed import checked_together, log, world
 from illusion_probe.errors import IllusionProbeError, require
 from illusion_probe.evaluation import evaluate
 from illusion_probe.hook_names import attn_pattern, resolve_hook_name
@@ -146,7 +146,6 @@ def audit_config(overrides: Mapping[str, Any], config: str | os.PathLike | None 
     return from_table(AuditConfig, {**audit, "evaluation": evaluation}, "[audit]")
 
 
-
 def _check_files(config: AuditConfig) -> None:
     for name, path in [("fit", config.fit), *config.splits]:
         require(Path(path).exists(), f"audit: the {name} text {path} does not exist; give an existing file or folder")
@@ -157,18 +156,19 @@ def audit(config: AuditConfig, out: str | os.PathLike, device: str = "auto", pro
     and ``report.html`` into ``out``."""
     from illusion_probe.pipeline import check_output_dir
 
-    _check_files(config)
-    specs = [ProxySpec.parse(spec) for spec in config.proxies]
-    out_dir = check_output_dir(out)
-    log(f"loading {config.model}")
-    model = load_model(config.model, device)
-    backend = Backend.of(model)
-    wanted = {name: simplifiers for spec in specs for name, simplifiers in spec.simplifiers().items()}
-    for simplifiers in wanted.values():  # hook names, kinds and sizes, before any text is tokenised
-        for hook in simplifiers:
-            resolve_hook_name(model, hook)
-        check_hooks(backend, simplifiers)
-    splits = _splits(model, config)
+    with checked_together():  # under torchrun, a problem is printed once
+        _check_files(config)
+        specs = [ProxySpec.parse(spec) for spec in config.proxies]
+        out_dir = check_output_dir(out)
+        log(f"loading {config.model}")
+        model = load_model(config.model, device)
+        backend = Backend.of(model)
+        wanted = {name: simplifiers for spec in specs for name, simplifiers in spec.simplifiers().items()}
+        for simplifiers in wanted.values():  # hook names, kinds and sizes, before any text is tokenised
+            for hook in simplifiers:
+                resolve_hook_name(model, hook)
+            check_hooks(backend, simplifiers)
+        splits = _splits(model, config)
     log(f"fitting {len(wanted)} proxies on {len(splits['train'])} windows of {config.fit}")
     proxies = fit_proxies(model, wanted, splits["train"], config.n_fit_sequences, progress=progress)
     log("evaluating")

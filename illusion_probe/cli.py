@@ -28,12 +28,12 @@ def _info(args: argparse.Namespace) -> int:
 def _runs(args: argparse.Namespace) -> list:
     """A prepared run for every requested seed; each seed gets ``OUT/seed_N`` when there are several. Under
     ``torchrun`` every process prepares them, and a problem any process finds stops them all."""
-    from illusion_probe.distributed import agree
+    from illusion_probe.distributed import checked_together
     from illusion_probe.pipeline import prepare, require_checkpoint
     from illusion_probe.study import load_study
 
-    runs, problem = [], None
-    try:
+    runs = []
+    with checked_together():
         require(args.seeds >= 1, f"--seeds must be at least 1, got {args.seeds}")
         require(args.out.strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")
         _set_threads(args.threads)
@@ -44,9 +44,6 @@ def _runs(args: argparse.Namespace) -> list:
         if args.command == "evaluate":
             for run in runs:
                 require_checkpoint(run)
-    except IllusionProbeError as err:
-        problem = err
-    agree(problem)
     return runs
 
 
@@ -150,16 +147,17 @@ def _train(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from illusion_probe.auditing import audit, audit_config
-    from illusion_probe.distributed import world
+    from illusion_probe.distributed import checked_together, world
 
-    _set_threads(args.threads)
-    splits = {}
-    for item in args.split:
-        name, sep, path = item.partition("=")
-        require(bool(sep and name and path), f"--split {item!r}: write NAME=FILE, e.g. --split ood_prose=prose.txt")
-        splits[name] = path
-    config = audit_config({"model": args.model, "fit": args.fit, "splits": splits, "proxies": args.proxy,
-                           "window": args.window, "max_sequences": args.max_sequences}, args.config, args.set)
+    with checked_together():  # under torchrun, a problem is printed once
+        _set_threads(args.threads)
+        splits = {}
+        for item in args.split:
+            name, sep, path = item.partition("=")
+            require(bool(sep and name and path), f"--split {item!r}: write NAME=FILE, e.g. --split ood_prose=prose.txt")
+            splits[name] = path
+        config = audit_config({"model": args.model, "fit": args.fit, "splits": splits, "proxies": args.proxy,
+                               "window": args.window, "max_sequences": args.max_sequences}, args.config, args.set)
     results = audit(config, args.out, args.device)
     out = Path(args.out)
     if world().is_main:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -183,6 +184,18 @@ def all_gather(tensors: Mapping[str, Tensor], meta: Any = None) -> list[tuple[di
 def _decode(payload: bytes) -> tuple[dict[str, Tensor], Any]:
     header = json.loads(payload[8: 8 + int.from_bytes(payload[:8], "little")])
     return load_tensors(payload), json.loads(header["__metadata__"]["meta"])
+
+
+@contextmanager
+def checked_together() -> Iterator[None]:
+    """Checks that every process makes alike (inputs, configuration): a problem any process finds in the block
+    is raised on every process once all have checked, and printed once (see :func:`agree`)."""
+    problem = None
+    try:
+        yield
+    except IllusionProbeError as err:
+        problem = err
+    agree(problem)
 
 
 def agree(error: IllusionProbeError | None) -> None:

@@ -47,7 +47,6 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-
 def check_output_dir(where: str | os.PathLike) -> Path:
     """Create directory ``where`` if needed and prove it is writable, before any work."""
     require(str(where).strip() != "", "--out is empty; give a run directory, e.g. --out runs/dyck")

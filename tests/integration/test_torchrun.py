@@ -118,6 +118,30 @@ def test_python_api_in_a_users_script(tmp_path):
                         ip.Results.from_json(tmp_path / "two" / "results.json"), skip=("ce_score",))
 
 
+def test_audit_of_a_hugging_face_model_on_two_processes_matches_one(tmp_path):
+    from tests.hf_models import save_tiny
+
+    model = save_tiny("gpt2", tmp_path / "model", tokenizer=True)
+    (tmp_path / "fit.txt").write_text("\n".join(f"the cat sat on the mat {i % 3 * 'a '}" for i in range(40)))
+    (tmp_path / "code.txt").write_text("\n".join(f"def x return self if else {i % 4 * 'x '}" for i in range(20)))
+    argv = ["audit", "--model", str(model), "--fit", str(tmp_path / "fit.txt"), "--split", f"test={tmp_path / 'fit.txt'}",
+            "--split", f"ood_code={tmp_path / 'code.txt'}", "--device", "cpu", "--window", "12",
+            "--set", "evaluation.n_boot=50", "--proxy", "pca:2,4@blocks.1.hook_resid_pre",
+            "--proxy", "kmeans:4@blocks.1.attn.hook_k+blocks.1.attn.hook_q", "--proxy", "onehot@1"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    done = torchrun(["-m", "illusion_probe", *argv, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_results(ip.Results.from_json(tmp_path / "one" / "results.json"),
+                        ip.Results.from_json(tmp_path / "two" / "results.json"))
+
+
+def test_a_bad_input_is_printed_once(tmp_path):
+    done = torchrun(["-m", "illusion_probe", *TINY, "--out", str(tmp_path / "run"), "--set", "train.lr=-1"])
+    assert done.returncode != 0  # torchrun exits 1 whatever its processes' status (here 2)
+    assert done.stderr.count("illusion-probe: error") == 1 and "TrainConfig.lr must be positive" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("fault", ["raise", "kill", "hang"])
 def test_a_failing_process_ends_the_run(one_process, tmp_path, fault):
     """Process 1 raises, is killed, or hangs as evaluation starts: the run fails within seconds (a hang after
