@@ -99,6 +99,17 @@ def test_reproduce_on_two_processes_matches_one(one_process, tmp_path):
     assert (out / "report.html").is_file() and (out / "projection.json").is_file()
 
 
+def test_train_on_two_processes_writes_one_checkpoint(tmp_path):
+    from illusion_probe.checkpoint import read_checkpoint_metadata
+
+    done = torchrun(["-m", "illusion_probe", "train", "dyck", "--preset", "tiny", "--device", "cpu",
+                     "--out", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote:") == 1
+    assert read_checkpoint_metadata(tmp_path / "run" / "checkpoint")["extra"]["processes"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint"]
+
+
 def test_python_api_in_a_users_script(tmp_path):
     """A user's script creates the process group; training is reproducible and keeps every process in step, and
     fitting and evaluating agree with one process up to the reduction order (the weights differ by it too)."""
