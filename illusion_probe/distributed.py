@@ -6,7 +6,7 @@ if the user's script has not: ``gloo`` for CPU tensors and, where CUDA is availa
 tensors, each process on GPU ``LOCAL_RANK``. Each stage then takes a disjoint shard of the sequences and
 combines through the helpers here, so that every process ends with the whole answer:
 
-- :func:`all_reduce`: sums (or maxima) of tensors, e.g. PCA's moments and gradients;
+- :func:`all_reduce`: sums of tensors, e.g. PCA's moments and gradients;
 - :func:`all_gather`: every process's named tensors and JSON metadata, e.g. k-means samples, fitted
   states and evaluation tables. Tensors travel as safetensors bytes: nothing is ever unpickled.
 
@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 
 class PeerFailed(IllusionProbeError):
-    """Another process of the run failed (or hung), so this one stops; that process reports the cause."""
+    """Another process of the run failed, so this one stops; that process reports the cause."""
 
 
 @dataclass(frozen=True)
@@ -116,22 +116,22 @@ def timeout_s() -> float:
 
 
 def _collective(call: Callable[[], T]) -> T:
-    """Run a collective; a peer that died or timed out becomes :class:`PeerFailed`."""
+    """Run a collective: a peer that died becomes :class:`PeerFailed`, one that did not answer in time an error
+    naming the timeout (the process that hangs will not say why)."""
     try:
         return call()
     except RuntimeError as err:  # torch.distributed.DistError and gloo's transport errors are RuntimeErrors
-        if "timed out" in str(err).lower() or "timeout" in str(err).lower():  # nobody else will say why
+        if "timed out" in str(err).lower() or "timeout" in str(err).lower():
             raise IllusionProbeError(f"another process did not answer within {TIMEOUT_ENV}={timeout_s():g} s: it "
                                      f"hung or fell far behind; raise {TIMEOUT_ENV} if its work is uneven") from None
         raise PeerFailed(f"process {dist.get_rank()} stopped: another process failed "
                          f"({str(err).splitlines()[0][:200]})") from None
 
 
-def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
-    """Replace ``tensor`` by its sum (``op="sum"``) or maximum (``"max"``) over every process, in place; returns it."""
+def all_reduce(tensor: Tensor) -> Tensor:
+    """Replace ``tensor`` by its sum over every process, in place; returns it."""
     if world().is_distributed:
-        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-        _collective(lambda: dist.all_reduce(tensor, op=reduce_op))
+        _collective(lambda: dist.all_reduce(tensor))
     return tensor
 
 
