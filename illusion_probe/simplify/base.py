@@ -209,6 +209,9 @@ class FittedSimplifier(Simplifier):
     """
 
     needs_data: ClassVar[bool] = True
+    #: ``accumulate`` itself refuses a batch holding NaN or inf (adding nothing), which spares
+    #: :meth:`partial_fit` a pass over the data to check it.
+    checks_finite: ClassVar[bool] = False
 
     def __init__(self, per_head: bool | None = None):
         require(per_head is None or isinstance(per_head, bool),
@@ -311,9 +314,11 @@ class FittedSimplifier(Simplifier):
                 "pass [..., feature] activations with feature >= 1")
         x = grouped.reshape(-1, *grouped.shape[-2:])
         require(x.shape[0] > 0, f"{self.describe()}: no samples to fit (empty activations or an all-False mask)")
-        require(bool(torch.isfinite(x.sum())), f"{self.describe()}: activations contain NaN or inf; "
-                "check the model and inputs before fitting")
+        require(self.checks_finite or bool(torch.isfinite(x.sum())), self._not_finite())
         return x
+
+    def _not_finite(self) -> str:
+        return f"{self.describe()}: activations contain NaN or inf; check the model and inputs before fitting"
 
     # -- streaming fit ------------------------------------------------------------------
     def partial_fit(self, acts: Float[Tensor, "*samples feature"],

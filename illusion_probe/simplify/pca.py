@@ -68,8 +68,10 @@ class PCA(FittedSimplifier):
     def start(self, shape: tuple[int, int], device: torch.device) -> None:
         self._moments = Moments(shape, device)
 
+    checks_finite = True  # the Gram matrix of a batch with NaN or inf is not finite either
+
     def accumulate(self, x: Tensor) -> None:
-        self._moments.add(x)
+        require(self._moments.add(x), self._not_finite())
 
     def combine_accumulators(self) -> None:
         self._moments.combine()
@@ -167,47 +169,53 @@ class SVD(PCA):
 class Moments:
     """Streamed mean and second moment of ``[n, group, feature]`` samples, and their eigendecomposition.
 
-    Each batch is shifted by the mean of the first chunk of samples and multiplied in the samples' own precision
-    (at least float32), in chunks of ``CHUNK_ELEMENTS``, and the products are summed in float64:
-    the shift keeps float32 accurate when the mean is large against the spread, and memory does not
-    grow with the number of rows. :meth:`spectrum` is computed once per centring and shared by every
-    rank fitted from these moments.
+    Each batch is multiplied in the samples' own precision (at least float32), in chunks of at most
+    ``CHUNK_ELEMENTS``, and the products are summed in float64, so memory does not grow with the number
+    of rows. Where the mean of the first chunk is larger than its spread in some feature, every chunk is
+    first shifted by that mean (a copy): float32 products of unshifted samples would then lose the spread
+    to rounding. Elsewhere the shift is zero and costs nothing, and the rounding error is at most twice
+    that of centred samples (``|mean| <= std`` in every feature). :meth:`spectrum` is computed once per
+    centring and shared by every rank fitted from these moments.
 
     Precision: the float32 products leave the eigenvalues of directions without variance at about
     1e-8 to 1e-7 of the largest (measured on exactly low-rank data), against 1e-15 in float64; that is
     what PCA's numerical-rank warning allows for.
     """
 
-    #: Elements (rows x features) shifted and multiplied at once: large enough for fast matrix products,
+    #: Elements (rows x features) multiplied at once: large enough for fast matrix products,
     #: small enough to bound memory (16 MiB of float32).
     CHUNK_ELEMENTS = 2**22
 
     def __init__(self, shape: tuple[int, int], device: torch.device):
         groups, feature = shape
         self.n = 0
-        self.shift: Tensor | None = None  # [group, feature], the first chunk's mean
+        self.shift: Tensor | None = None  # [group, feature]: the first chunk's mean, or zero (see above)
         self.sum = torch.zeros(groups, feature, dtype=torch.float64, device=device)  # of shifted samples
         self.gram = torch.zeros(groups, feature, feature, dtype=torch.float64, device=device)  # of shifted samples
-        self._buffer: Tensor | None = None  # reused by every chunk: fresh allocations cost page faults
+        self._buffer: Tensor | None = None  # reused by every shifted chunk: fresh allocations cost page faults
         self._spectra: dict[bool, tuple[Tensor, Tensor, Tensor]] = {}
 
-    def add(self, x: Float[Tensor, "n group feature"]) -> None:
-        """Accumulate one batch."""
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        rows = max(1, self.CHUNK_ELEMENTS // (x.shape[1] * x.shape[2]))
-        if self.shift is None:
-            self.shift = x[:rows].mean(dim=0)
-        groups, feature = x.shape[1:]
-        if self._buffer is None or self._buffer.dtype != x.dtype:
-            # One extra feature fixed at 1: the Gram matrix of [x, 1] holds sum x x^T and, in its last row, sum x.
-            self._buffer = torch.ones(rows, groups, feature + 1, dtype=x.dtype, device=x.device)
+    def add(self, x: Float[Tensor, "n group feature"]) -> bool:
+        """Accumulate one batch; return ``False``, adding nothing, when it holds NaN or inf."""
+        x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+        rows = min(x.shape[0], max(1, self.CHUNK_ELEMENTS // (x.shape[1] * x.shape[2])))
+        shift = _shift(x[:rows]) if self.shift is None else self.shift
+        shifting = bool(shift.any())
+        if shifting and (self._buffer is None or self._buffer.dtype != x.dtype or len(self._buffer) < rows):
+            self._buffer = torch.empty(rows, *x.shape[1:], dtype=x.dtype, device=x.device)
+        gram, total = torch.zeros_like(self.gram), torch.zeros_like(self.sum)
         for chunk in x.split(rows):
-            extended = self._buffer[: chunk.shape[0]]
-            torch.sub(chunk, self.shift, out=extended[..., :feature])
-            gram = _gram(extended)
-            self.gram += gram[:, :feature, :feature]
-            self.sum += gram[:, feature, :feature]
-            self.n += chunk.shape[0]
+            if shifting:
+                chunk = torch.sub(chunk, shift, out=self._buffer[: chunk.shape[0]])
+            gram += _gram(chunk)
+            total += chunk.sum(dim=0)
+        if not bool(torch.isfinite(total).all() and torch.isfinite(gram).all()):
+            return False
+        self.shift = shift
+        self.gram += gram
+        self.sum += total
+        self.n += x.shape[0]
+        return True
 
     def combine(self) -> None:
         """Sum every process's moments into this one's, about the main process's shift (in float64)."""
@@ -240,9 +248,17 @@ class Moments:
         return self._spectra[center]
 
 
+def _shift(first: Float[Tensor, "n group feature"]) -> Float[Tensor, "group feature"]:
+    """The first chunk's mean where it exceeds the standard deviation in some feature, else zeros."""
+    mean = first.mean(dim=0)
+    beyond_spread = 2 * mean.square() > first.square().mean(dim=0)  # mean^2 > E[x^2] - mean^2, the variance
+    return mean if bool(beyond_spread.any()) else torch.zeros_like(mean)
+
+
 def _gram(x: Float[Tensor, "n group feature"]) -> Float[Tensor, "group feature feature"]:
     """``sum_n x x^T`` per group, in ``x``'s precision, returned in float64."""
     if x.device.type == "cpu":  # NumPy's ``a.T @ a`` is a BLAS syrk: half the work of torch's general product
-        return torch.from_numpy(np.stack([a.T @ a for a in x.numpy().transpose(1, 0, 2)])).double()
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf are refused by the caller
+            return torch.from_numpy(np.stack([a.T @ a for a in x.numpy().transpose(1, 0, 2)])).double()
     by_group = x.transpose(0, 1)
     return (by_group.transpose(1, 2) @ by_group).double()

@@ -54,13 +54,14 @@ def _principal_angle_sine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(a - b @ (b.T @ a), ord=2))
 
 
+@pytest.mark.parametrize("mean", [1e4, 0.5], ids=["mean_dwarfs_spread", "mean_within_spread"])
 @pytest.mark.parametrize("center", [True, False], ids=["pca", "svd"])
-def test_float32_gram_matches_float64_when_the_mean_dwarfs_the_spread(center: bool) -> None:
+def test_float32_gram_matches_float64(center: bool, mean: float) -> None:
     generator = torch.Generator().manual_seed(0)
     d, rank = 32, 6
     scales = torch.linspace(2.0, 0.2, d, dtype=torch.float64)  # distinct variances, standard deviation ~1
     basis = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))[0]
-    x64 = 1e4 + (torch.randn(60_000, d, generator=generator, dtype=torch.float64) * scales) @ basis.T
+    x64 = mean + (torch.randn(60_000, d, generator=generator, dtype=torch.float64) * scales) @ basis.T
     x = x64.float()
     fitted = ip.PCA(rank, center=center)
     for batch in x.split(5000):  # streamed, as from a model's hooks
@@ -77,6 +78,29 @@ def test_float32_gram_matches_float64_when_the_mean_dwarfs_the_spread(center: bo
 def test_moments_memory_does_not_grow_with_rows() -> None:
     moments = Moments((1, 8), torch.device("cpu"))
     for _ in range(5):
-        moments.add(torch.randn(100_000, 1, 8))
+        assert moments.add(100.0 + torch.randn(100_000, 1, 8))  # a mean beyond the spread: chunks are shifted copies
     assert moments.n == 500_000
     assert moments._buffer is not None and moments._buffer.shape[0] * 8 <= Moments.CHUNK_ELEMENTS
+
+
+def test_moments_shift_only_where_the_mean_exceeds_the_spread() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centred = Moments((2, 4), torch.device("cpu"))
+    assert centred.add(0.5 + torch.randn(1000, 2, 4, generator=generator))  # |mean| < std: no shift, no copy
+    assert centred.shift is not None and not centred.shift.any() and centred._buffer is None
+    offset = torch.randn(1000, 2, 4, generator=generator)
+    offset[:, 1, 3] += 3.0  # one feature of one group is enough
+    shifted = Moments((2, 4), torch.device("cpu"))
+    assert shifted.add(offset)
+    assert shifted.shift is not None and torch.equal(shifted.shift, offset.mean(0))
+
+
+def test_moments_refuse_a_batch_with_nan_and_keep_what_they_had() -> None:
+    moments = Moments((1, 3), torch.device("cpu"))
+    good = torch.randn(20, 1, 3, generator=torch.Generator().manual_seed(0))
+    assert moments.add(good)
+    before = (moments.n, moments.sum.clone(), moments.gram.clone())
+    bad = good.clone()
+    bad[7, 0, 1] = float("inf")
+    assert not moments.add(bad)
+    assert moments.n == before[0] and torch.equal(moments.sum, before[1]) and torch.equal(moments.gram, before[2])
