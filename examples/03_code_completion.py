@@ -1,8 +1,9 @@
 """Character-level code completion: where do simplified proxies stop matching the model?
 
-The corpus needs no download: ``train`` and ``test`` are windows of the running
-interpreter's standard-library ``*.py`` files (split by file), and ``ood_cpp``
-is windows of the C/C++ headers inside the installed torch package. Each scored
+The corpus needs no download: ``train``, ``val`` and ``test`` are windows of the
+running interpreter's standard-library ``*.py`` files (split by file), ``ood_cpp``
+is windows of the C/C++ headers inside the installed torch package, and the quick
+preset adds Perl, JavaScript and shell scripts from the system image. Each scored
 position also carries category labels (``closing_bracket``, ``copying``,
 ``first_occurrence``, ``deep_nesting``); evaluation reports every metric per
 category too, which is where the paper found the largest gaps (copying, deep

@@ -2,9 +2,11 @@
 
 Corpus (:mod:`illusion_probe.tasks.code_corpus`): ``*.py`` files of the running interpreter's
 standard library (test directories excluded unless ``include_tests``), split by file into
-``train`` and held-out ``test`` files with a seeded hash of each relative path; ``ood_cpp`` from
-the ``*.h`` headers inside the installed torch package; ``ood_<language>`` for every user
-directory and for a Hugging Face dataset. Each split reads files in a seeded order up to a
+``train``, held-out ``val`` (for choosing: early stopping, headline proxies) and held-out ``test``
+files with a seeded hash of each relative path; ``ood_cpp`` from the ``*.h`` headers inside the
+installed torch package; ``ood_perl``, ``ood_javascript``, ``ood_shell`` from files the system
+image ships (``system_languages``); ``ood_<language>`` for every user directory and for a Hugging
+Face dataset. Each split reads files in a seeded order up to a
 character budget and records what it used in ``split.meta``.
 
 Tokens: ``<PAD>``, ``<BOS>``, ``<UNK>`` then one token per character seen at least
@@ -45,6 +47,7 @@ from illusion_probe.registry import register_task
 from illusion_probe.tasks.base import Role, Split, SplitSet, Task
 from illusion_probe.tasks.code_corpus import (
     STDLIB_SKIP_DIRS,
+    SYSTEM_SOURCES,
     TEST_DIRS,
     SourceText,
     list_files,
@@ -73,14 +76,19 @@ class CodeConfig:
         window: characters per sequence (the model sees ``<BOS>`` plus these, so ``n_ctx = window + 1``).
         stride: characters between window starts within a file; ``None`` means ``window`` (no overlap).
         n_train: windows in ``train``.
-        n_test: windows in ``test`` (held-out Python files).
+        n_test: windows in ``test`` (held-out Python files), and in ``val`` (other held-out files).
         n_ood: windows in each ``ood_*`` split.
         max_train_chars: character budget of the training files (files read in a seeded order).
-        max_eval_chars: character budget of ``test`` and of each ``ood_*`` split.
+        max_eval_chars: character budget of ``val``, ``test`` and of each ``ood_*`` split.
         test_fraction: share of Python files held out for ``test``, in (0, 1).
+        val_fraction: share of Python files held out for ``val``, in [0, 1 - test_fraction); 0 makes no
+            ``val`` split (headline proxies are then chosen on ``test``).
         include_tests: also use the standard library's test directories (``test``, ``tests``, ``idle_test``).
         python_dir: directory of the in-distribution ``*.py`` files; ``None`` is the interpreter's stdlib.
         include_cpp: add ``ood_cpp`` from the C/C++ headers (``*.h``) inside the installed torch package.
+        system_languages: add ``ood_<language>`` for each of ``"perl"`` (``*.pm`` in /usr/share/perl/5.*),
+            ``"javascript"`` (``*.js`` of npm, /usr/lib/node_modules/npm) and ``"shell"`` (``sh``/``bash``/``dash``
+            scripts in /usr/bin), read from this machine's system image; a missing one is refused.
         extra_sources: ``(language, directory)`` pairs; each adds ``ood_<language>`` from every
             non-hidden file below ``directory``.
         hf_dataset: a Hugging Face dataset name adding ``ood_<hf_language>`` (needs network or a cache).
@@ -105,9 +113,11 @@ class CodeConfig:
     max_train_chars: int = 4_000_000
     max_eval_chars: int = 1_000_000
     test_fraction: float = 0.2
+    val_fraction: float = 0.1
     include_tests: bool = False
     python_dir: str | None = None
     include_cpp: bool = True
+    system_languages: tuple[str, ...] = ()
     extra_sources: tuple[tuple[str, str], ...] = ()
     hf_dataset: str | None = None
     hf_config: str | None = None
@@ -131,6 +141,12 @@ class CodeConfig:
                     f"CodeConfig.{name}={getattr(self, name)} cannot hold one window of {self.window} characters")
         require(0 < self.test_fraction < 1,
                 f"CodeConfig.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        require(0 <= self.val_fraction < 1 - self.test_fraction,
+                f"CodeConfig.val_fraction must be in [0, 1 - test_fraction) = [0, {1 - self.test_fraction:g}), "
+                f"got {self.val_fraction!r}")
+        for language in self.system_languages:
+            require(language in SYSTEM_SOURCES, f"CodeConfig.system_languages: {language!r} is not one of "
+                                                f"{sorted(SYSTEM_SOURCES)}; add other languages with extra_sources")
         require(self.deep_depth is None or self.deep_depth >= 0,
                 f"CodeConfig.deep_depth must be a non-negative integer or None, got {self.deep_depth!r}")
         for pair in self.extra_sources:
@@ -152,7 +168,8 @@ class CodeConfig:
     @property
     def ood_languages(self) -> list[str]:
         """Languages of the ``ood_*`` splits, in split order."""
-        return ((["cpp"] if self.include_cpp else []) + [lang for lang, _ in self.extra_sources]
+        return ((["cpp"] if self.include_cpp else []) + list(self.system_languages)
+                + [lang for lang, _ in self.extra_sources]
                 + ([self.hf_language] if self.hf_dataset is not None else []))
 
     @property
@@ -182,7 +199,8 @@ class CodeTask(Task):
         self._deep_depth: int | None = self.config.deep_depth
 
     def __repr__(self) -> str:
-        return f"CodeTask(window={self.config.window}, splits=train, test, {', '.join(self.ood_splits)})"
+        held_out = ["val", "test"] if self.config.val_fraction > 0 else ["test"]
+        return f"CodeTask(window={self.config.window}, splits={', '.join(['train', *held_out, *self.ood_splits])})"
 
     @property
     def ood_splits(self) -> list[str]:
@@ -233,9 +251,8 @@ class CodeTask(Task):
         return "".join(UNK_TEXT if i == UNK_ID else vocab[i] for i in ids if i not in (PAD_ID, BOS_ID))
 
     def file_split(self) -> dict[str, list[str]]:
-        """``{"train": [...], "test": [...]}``: every Python file (relative path) assigned to each split."""
-        train, test = split_files(self._python_files(), self.config.seed, self.config.test_fraction)
-        return {"train": train, "test": test}
+        """``{"train": [...], "val": [...], "test": [...]}``: every Python file (relative path) assigned to each split."""
+        return split_files(self._python_files(), self.config.seed, self.config.test_fraction, self.config.val_fraction)
 
     def resolved_config(self) -> CodeConfig:
         """The config with ``vocab`` and ``deep_depth`` filled in (reads the training text if needed)."""
@@ -246,24 +263,30 @@ class CodeTask(Task):
         return {"kind": self.kind, "config": dataclasses.asdict(self.resolved_config())}
 
     def make_splits(self, seed: int = 0) -> SplitSet:
-        """``train``, ``test`` and one ``ood_<language>`` per other source; see the module docstring.
+        """``train``, ``val`` (unless ``val_fraction`` is 0), ``test`` and one ``ood_<language>`` per other source;
+        see the module docstring.
 
         Every directory is listed (and a missing or empty one refused) before any text is read.
         Each split samples its windows with a generator seeded by ``seed`` and the split name,
         skipping window texts an earlier split (or itself) already holds.
         """
         cfg = self.config
-        test_files = self.file_split()["test"]
-        directories = ([("cpp", str(torch_include_dir()), (".h",))] if cfg.include_cpp else [])
-        directories += [(language, folder, None) for language, folder in cfg.extra_sources]
-        listed = {language: list_files(folder, language, suffixes) for language, folder, suffixes in directories}
-        require(len(test_files) > 0, f"no Python file is held out for test in {self._python_root()}; raise test_fraction")
-        texts: list[tuple[str, Role, SourceText]] = [
-            ("train", "train", self._training_text()),
-            ("test", "id", read_files(self._python_root(), test_files, language="python", seed=cfg.seed,
-                                      budget=cfg.max_eval_chars)),
-        ]
-        for language, folder, _ in directories:
+        held_out = self.file_split()
+        directories = ([("cpp", str(torch_include_dir()), (".h",), None)] if cfg.include_cpp else [])
+        directories += [(language, str(SYSTEM_SOURCES[language].directory(language)), SYSTEM_SOURCES[language].suffixes,
+                         SYSTEM_SOURCES[language].interpreters) for language in cfg.system_languages]
+        directories += [(language, folder, None, None) for language, folder in cfg.extra_sources]
+        listed = {language: list_files(folder, language, suffixes, interpreters=interpreters)
+                  for language, folder, suffixes, interpreters in directories}
+        for name, fraction in (("val", cfg.val_fraction), ("test", cfg.test_fraction)):
+            require(fraction == 0 or len(held_out[name]) > 0,
+                    f"no Python file is held out for {name} in {self._python_root()}; raise {name}_fraction")
+        texts: list[tuple[str, Role, SourceText]] = [("train", "train", self._training_text())]
+        for name, role in (("val", "val"), ("test", "id")):
+            if held_out[name]:
+                texts.append((name, role, read_files(self._python_root(), held_out[name], language="python",
+                                                     seed=cfg.seed, budget=cfg.max_eval_chars)))
+        for language, folder, _, _ in directories:
             texts.append((f"ood_{language}", "ood", read_files(folder, listed[language], language=language,
                                                                 seed=cfg.seed, budget=cfg.max_eval_chars)))
         if cfg.hf_dataset is not None:
@@ -273,7 +296,7 @@ class CodeTask(Task):
         seen: set[str] = set()
         splits = []
         for name, role, text in texts:
-            n = {"train": cfg.n_train, "id": cfg.n_test}.get(role, cfg.n_ood)
+            n = {"train": cfg.n_train, "val": cfg.n_test, "id": cfg.n_test}.get(role, cfg.n_ood)
             generator = torch.Generator().manual_seed(stable_seed(seed, name))
             windows, n_candidates = sample_windows(text, n, cfg.window, cfg.effective_stride, generator, seen, name)
             splits.append(self._build_split(name, role, windows, {**text.meta(), "candidate_windows": n_candidates,

@@ -1,8 +1,9 @@
 """Where the code task's text comes from: file discovery, a seeded file split, budgeted reading.
 
-Sources need no download: the running interpreter's standard library (Python, in distribution)
-and the C/C++ headers shipped inside the installed torch package (a new language). Users add
-``language=directory`` sources and, with network access, a Hugging Face dataset.
+Sources need no download: the running interpreter's standard library (Python, in distribution),
+the C/C++ headers shipped inside the installed torch package (a new language) and, where the
+system image ships them, Perl modules, npm's JavaScript and shell scripts (:data:`SYSTEM_SOURCES`).
+Users add ``language=directory`` sources and, with network access, a Hugging Face dataset.
 
 Everything here is deterministic and machine-independent: files are listed as sorted POSIX paths
 relative to their source root, and every seeded choice hashes ``(seed, tag, relative path)`` with
@@ -13,6 +14,7 @@ byte (binary) or invalid UTF-8 is skipped and counted.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import sysconfig
@@ -40,6 +42,44 @@ def torch_include_dir() -> Path:
     return Path(torch.__file__).parent / "include"
 
 
+@dataclass(frozen=True)
+class SystemSource:
+    """Files of one language that a Debian-based system image ships.
+
+    Attributes:
+        pattern: the directory, as a glob; the last match in sorted order is used (the newest version).
+        suffixes: keep files with these endings (``None``: every file).
+        interpreters: keep files whose first line is a ``#!`` line naming one of these programs
+            (``#!/bin/sh``, ``#!/usr/bin/env bash``); ``None``: no such filter.
+        package: what installs it, for the error when it is missing.
+    """
+
+    pattern: str
+    suffixes: tuple[str, ...] | None = None
+    interpreters: tuple[str, ...] | None = None
+    package: str = ""
+
+    def directory(self, language: str) -> Path:
+        """The directory this machine has for the source.
+
+        Raises:
+            IllusionProbeError: no directory matches (the package is not installed).
+        """
+        matches = sorted(glob.glob(self.pattern))
+        if not matches:
+            raise IllusionProbeError(f"code source {language!r}: this machine has no {self.pattern} (from "
+                                     f"{self.package}); install it, or drop {language!r} from system_languages")
+        return Path(matches[-1])
+
+
+#: ``CodeConfig.system_languages``: new languages read from files the system image ships.
+SYSTEM_SOURCES: dict[str, SystemSource] = {
+    "perl": SystemSource("/usr/share/perl/5.*", suffixes=(".pm",), package="perl-modules"),
+    "javascript": SystemSource("/usr/lib/node_modules/npm", suffixes=(".js",), package="npm"),
+    "shell": SystemSource("/usr/bin", interpreters=("sh", "bash", "dash"), package="the base system"),
+}
+
+
 def stable_unit(seed: int, *parts: str) -> float:
     """A number in ``[0, 1)`` fixed by ``seed`` and ``parts``, the same on every machine and process."""
     digest = hashlib.blake2b("\0".join([str(seed), *parts]).encode("utf-8"), digest_size=8).digest()
@@ -52,11 +92,12 @@ def stable_seed(seed: int, *parts: str) -> int:
 
 
 def list_files(root: str | os.PathLike, language: str, suffixes: tuple[str, ...] | None = None,
-               skip_dirs: frozenset[str] = frozenset()) -> list[str]:
+               skip_dirs: frozenset[str] = frozenset(), interpreters: tuple[str, ...] | None = None) -> list[str]:
     """Sorted POSIX paths, relative to ``root``, of the files a source offers.
 
     Hidden files and directories (leading ``.``) and directories named in ``skip_dirs`` are left
-    out; ``suffixes`` keeps only files with those endings (``None`` keeps every file).
+    out; ``suffixes`` keeps only files with those endings and ``interpreters`` only scripts whose
+    ``#!`` line names one of those programs (``None`` keeps every file).
 
     Raises:
         IllusionProbeError: ``root`` is missing, not a directory, or holds no matching file.
@@ -71,7 +112,7 @@ def list_files(root: str | os.PathLike, language: str, suffixes: tuple[str, ...]
             if name.startswith(".") or (suffixes is not None and not name.endswith(suffixes)):
                 continue
             path = Path(folder, name)
-            if path.is_file():
+            if path.is_file() and (interpreters is None or _interpreter(path) in interpreters):
                 found.append(path.relative_to(base).as_posix())
     if not found:
         wanted = "" if suffixes is None else f" ending in {', '.join(suffixes)}"
@@ -79,11 +120,29 @@ def list_files(root: str | os.PathLike, language: str, suffixes: tuple[str, ...]
     return sorted(found)
 
 
-def split_files(files: list[str], seed: int, test_fraction: float) -> tuple[list[str], list[str]]:
-    """``(train, test)``: each file is held out when ``stable_unit(seed, "holdout", path) < test_fraction``."""
-    test = [f for f in files if stable_unit(seed, "holdout", f) < test_fraction]
-    held = set(test)
-    return [f for f in files if f not in held], test
+def _interpreter(path: Path) -> str | None:
+    """The program a ``#!`` line names (``sh`` for ``#!/bin/sh -e``, ``bash`` for ``#!/usr/bin/env bash``)."""
+    try:
+        with path.open("rb") as file:
+            first = file.readline(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode("utf-8", "replace").split()
+    if words and words[0].endswith("/env") and len(words) > 1:
+        words = words[1:]
+    return words[0].rsplit("/", 1)[-1] if words else None
+
+
+def split_files(files: list[str], seed: int, test_fraction: float,
+                val_fraction: float = 0.0) -> dict[str, list[str]]:
+    """``{"train", "val", "test"}`` file lists: with ``u = stable_unit(seed, "holdout", path)``, a file is in
+    ``test`` when ``u < test_fraction``, in ``val`` when ``u < test_fraction + val_fraction``, else in ``train``."""
+    units = {f: stable_unit(seed, "holdout", f) for f in files}
+    return {"train": [f for f in files if units[f] >= test_fraction + val_fraction],
+            "val": [f for f in files if test_fraction <= units[f] < test_fraction + val_fraction],
+            "test": [f for f in files if units[f] < test_fraction]}
 
 
 def decode(data: bytes) -> tuple[str | None, str | None]:

@@ -15,7 +15,7 @@ def test_cli_reproduce_code_tiny(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     categories = {r["category"] for r in results["records"]}
     assert {"all", "closing_bracket", "copying", "deep_nesting", "first_occurrence"} <= categories
-    assert {r["split"] for r in results["records"]} == {"train", "test", "ood_cpp"}
+    assert {r["split"] for r in results["records"]} == {"train", "val", "test", "ood_cpp"}
 
 
 def test_dataset_while_offline_is_a_one_line_error(tmp_path):

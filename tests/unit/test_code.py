@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from illusion_probe.errors import IllusionProbeError
 from illusion_probe.tasks import task_from_dict
 from illusion_probe.tasks.code import BOS_ID, PAD_ID, UNK_ID, CodeConfig, CodeTask, word_masks
-from illusion_probe.tasks.code_corpus import list_files
+from illusion_probe.tasks.code_corpus import SYSTEM_SOURCES, list_files
 
 PY_FILES = {
     f"pkg/mod_{i:02d}.py": (
@@ -71,22 +71,27 @@ def small_config(corpus: dict[str, Path], **changes) -> CodeConfig:
 
 def test_file_listing_is_sorted_relative_and_skips_hidden_and_test_dirs(corpus):
     task = CodeTask(small_config(corpus))
-    files = sorted(task.file_split()["train"] + task.file_split()["test"])
+    files = sorted(sum(task.file_split().values(), []))
     assert files == sorted([*PY_FILES, "binary.py", "latin1.py"])
     with_tests = CodeTask(small_config(corpus, include_tests=True)).file_split()
-    assert "test/test_skipped.py" in with_tests["train"] + with_tests["test"]
+    assert "test/test_skipped.py" in sum(with_tests.values(), [])
 
 
 def test_file_split_is_deterministic_disjoint_and_machine_independent(corpus):
     task = CodeTask(small_config(corpus))
     first, again = task.file_split(), CodeTask(small_config(corpus)).file_split()
     assert first == again
-    assert not set(first["train"]) & set(first["test"])
-    assert first["train"] and first["test"]
-    # The rule, written out independently: BLAKE2b of "seed\0holdout\0path" as a fraction of 2**64.
-    for path in first["train"] + first["test"]:
-        digest = hashlib.blake2b(f"0\0holdout\0{path}".encode(), digest_size=8).digest()
-        assert (int.from_bytes(digest, "big") / 2**64 < 0.3) == (path in first["test"])
+    assert first["train"] and first["val"] and first["test"]
+    # The rule, written out independently: BLAKE2b of "seed\0holdout\0path" as a fraction u of 2**64; test is
+    # u < 0.3 (test_fraction), val 0.3 <= u < 0.4 (val_fraction 0.1), train the rest: three disjoint sets.
+    for path in sum(first.values(), []):
+        unit = int.from_bytes(hashlib.blake2b(f"0\0holdout\0{path}".encode(), digest_size=8).digest(), "big") / 2**64
+        expected = "test" if unit < 0.3 else "val" if unit < 0.4 else "train"
+        assert [name for name, files in first.items() if path in files] == [expected]
+    # Without val, test keeps the same files and train takes val's.
+    no_val = CodeTask(small_config(corpus, val_fraction=0.0)).file_split()
+    assert no_val["test"] == first["test"] and not no_val["val"]
+    assert sorted(no_val["train"]) == sorted(first["train"] + first["val"])
     other = CodeTask(small_config(corpus, seed=1)).file_split()
     assert other != first
 
@@ -94,14 +99,15 @@ def test_file_split_is_deterministic_disjoint_and_machine_independent(corpus):
 def test_real_stdlib_split_is_disjoint_and_excludes_site_packages():
     task = CodeTask(CodeConfig.preset("tiny"))
     split = task.file_split()
-    assert not set(split["train"]) & set(split["test"])
-    assert all("site-packages" not in f and not f.startswith("test/") for f in split["train"] + split["test"])
+    assert not set(split["train"]) & set(split["test"]) and not set(split["val"]) & (set(split["train"]) | set(split["test"]))
+    assert all("site-packages" not in f and not f.startswith("test/") for f in sum(split.values(), []))
     assert split == CodeTask(CodeConfig.preset("tiny")).file_split()
 
 
 def test_real_corpus_tiny_preset_has_python_and_cpp_splits():
     splits = CodeTask(CodeConfig.preset("tiny")).make_splits(seed=0)
-    assert list(splits) == ["train", "test", "ood_cpp"]
+    assert list(splits) == ["train", "val", "test", "ood_cpp"]
+    assert splits["val"].role == "val" and splits["test"].role == "id"
     assert splits["ood_cpp"].meta["language"] == "cpp" and splits["ood_cpp"].meta["source"].endswith("include")
     for split in splits.values():
         assert split.meta["chars"] == split.meta["char_budget"]  # the stdlib and headers exceed the tiny budgets
@@ -114,8 +120,8 @@ def test_real_corpus_tiny_preset_has_python_and_cpp_splits():
 def test_splits_shapes_roles_and_scoring(corpus):
     task = CodeTask(small_config(corpus))
     splits = task.make_splits(seed=0)
-    assert list(splits) == ["train", "test", "ood_rust"]
-    assert [s.role for s in splits.values()] == ["train", "id", "ood"]
+    assert list(splits) == ["train", "val", "test", "ood_rust"]
+    assert [s.role for s in splits.values()] == ["train", "val", "id", "ood"]
     assert task.n_ctx == 17
     for split in splits.values():
         assert split.tokens.shape[1] == task.n_ctx
@@ -154,7 +160,7 @@ def test_corpus_size_and_skipped_files_recorded(corpus):
     assert rust["files_listed"] == len(RUST_FILES) + 2
     assert sorted(rust["files"]) == sorted(RUST_FILES)
     assert rust["chars"] == sum(len(t) for t in RUST_FILES.values())
-    python = [splits["train"].meta, splits["test"].meta]
+    python = [splits["train"].meta, splits["val"].meta, splits["test"].meta]
     assert sum(m["skipped_files"] for m in python) == 2
     assert sum(m["files_listed"] for m in python) == len(PY_FILES) + 2
     for meta in python:
@@ -377,3 +383,34 @@ def test_shipped_presets_load(name):
     assert cfg.window >= 2
     study = load_study("code", name)
     assert study.task == cfg and study.task_kind == "code"
+
+
+# -- sources the system image ships ---------------------------------------------------------
+
+
+def test_interpreters_keep_only_scripts_whose_hashbang_names_them(tmp_path):
+    scripts = {"a": "#!/bin/sh\necho a\n", "b": "#!/usr/bin/env bash\necho b\n", "c": "#! /bin/dash -e\necho c\n",
+               "d": "#!/usr/bin/python3\nprint()\n", "e": "echo no hashbang\n", "f": "#!/bin/shell\n"}
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "g").write_bytes(b"\x7fELF\x00" * 10)
+    assert list_files(tmp_path, "shell", interpreters=("sh", "bash", "dash")) == ["a", "b", "c"]
+
+
+def test_system_languages_are_checked_by_name_and_missing_directories_refused(monkeypatch):
+    message = one_line_error(lambda: CodeConfig(system_languages=("cobol",)))
+    assert "'cobol' is not one of ['javascript', 'perl', 'shell']" in message and "extra_sources" in message
+    monkeypatch.setitem(SYSTEM_SOURCES, "perl", dataclasses.replace(SYSTEM_SOURCES["perl"], pattern="/nonexistent/perl*"))
+    task = CodeTask(dataclasses.replace(CodeConfig.preset("tiny"), system_languages=("perl",)))
+    assert "this machine has no /nonexistent/perl*" in one_line_error(lambda: task.make_splits(0))
+
+
+@pytest.mark.skipif(not all(Path(p).parent.is_dir() for p in ("/usr/share/perl/x", "/usr/lib/node_modules/npm/x")),
+                    reason="this machine's image lacks Perl modules or npm")
+def test_system_languages_read_perl_javascript_and_shell():
+    config = dataclasses.replace(CodeConfig.preset("tiny"), system_languages=("perl", "javascript", "shell"))
+    splits = CodeTask(config).make_splits(seed=0)
+    assert list(splits)[-3:] == ["ood_perl", "ood_javascript", "ood_shell"]
+    assert splits["ood_perl"].meta["files"][0].endswith(".pm")
+    assert all(name.endswith(".js") for name in splits["ood_javascript"].meta["files"])
+    assert all(split.meta["n"] == config.n_ood for split in splits.values() if split.role == "ood")
