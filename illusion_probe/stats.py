@@ -113,6 +113,28 @@ def bootstrap_p_value(estimate: float, differences: np.ndarray) -> float:
     return math.erfc(abs(estimate) / spread / math.sqrt(2.0))
 
 
+def simultaneous_interval(estimate: float, ci_low: float, ci_high: float, family_size: int,
+                          alpha: float = 1 - CONFIDENCE) -> tuple[float, float]:
+    """A Bonferroni interval: ``estimate`` plus or minus ``z(1 - alpha / (2 * family_size))`` standard errors, so
+    that ``family_size`` such intervals cover their true values together with probability at least ``1 - alpha``.
+
+    The standard error is read off the 95% percentile interval's width (``(ci_high - ci_low) / (2 z(0.975))``),
+    the normal approximation :func:`bootstrap_p_value` makes too. NaN bounds when the interval is missing.
+    """
+    if not (math.isfinite(ci_low) and math.isfinite(ci_high) and family_size >= 1):
+        return float("nan"), float("nan")
+    error = (ci_high - ci_low) / (2 * _normal_quantile(1 - (1 - CONFIDENCE) / 2))
+    half = _normal_quantile(1 - alpha / (2 * family_size)) * error
+    return estimate - half, estimate + half
+
+
+def _normal_quantile(q: float) -> float:
+    """The standard normal's ``q`` quantile."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(q)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm-adjusted p-values over the family ``p_values`` (NaN entries are not in the family and stay NaN).
 

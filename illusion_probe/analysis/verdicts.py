@@ -63,8 +63,10 @@ def seed_agreement(results_by_seed: Mapping[int, Results]) -> list[dict[str, Any
     """How many seeds give each verdict, per featured proxy family, OOD split and :data:`MARKED` category.
 
     Each row: ``family``, ``ood_split``, ``category``, ``seeds`` (those with this cell), ``worse``, ``better`` and
-    ``not_significant`` (counts of seeds), ``gaps`` and ``adjusted_p`` (per seed, ``{seed: value}``) and ``proxies``
-    (the headline proxy each seed chose, which may differ in size).
+    ``not_significant`` (counts of seeds), ``gaps``, ``adjusted_p`` and ``intervals`` (per seed, ``{seed: value}``;
+    an interval is ``[low, high]``, simultaneous at 95% across the seed's cells, Bonferroni:
+    :func:`~illusion_probe.stats.simultaneous_interval`) and ``proxies`` (the headline proxy each seed chose,
+    which may differ in size).
     """
     require(len(results_by_seed) >= 1, "seed_agreement needs the results of at least one seed")
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -76,9 +78,11 @@ def seed_agreement(results_by_seed: Mapping[int, Results]) -> list[dict[str, Any
             key = (_family(results, proxy), ood, category)
             row = rows.setdefault(key, {"family": key[0], "ood_split": ood, "category": category, "seeds": 0,
                                         "worse": 0, "better": 0, "not_significant": 0, "gaps": {}, "adjusted_p": {},
-                                        "proxies": {}})
+                                        "intervals": {}, "proxies": {}})
             verdict = direction(results, gap, adjusted[id(gap)]) or "not_significant"
             row["seeds"] += 1
             row[verdict] += 1
             row["gaps"][seed], row["adjusted_p"][seed], row["proxies"][seed] = gap.value, adjusted[id(gap)], proxy
+            row["intervals"][seed] = list(stats.simultaneous_interval(gap.value, gap.ci_low, gap.ci_high, len(adjusted),
+                                                                      ALPHA))
     return list(rows.values())

@@ -184,6 +184,10 @@ def test_seed_agreement_counts_each_seeds_corrected_verdict_per_family() -> None
     assert (row["family"], row["ood_split"], row["category"]) == ("pca@h", "ood_deeper", "all")
     assert (row["seeds"], row["worse"], row["not_significant"], row["better"]) == (3, 1, 1, 1)
     assert row["gaps"] == {0: 0.4, 1: 0.4, 2: -0.4} and row["proxies"] == {s: "pca(4)@h" for s in range(3)}
+    # One marked cell per seed: the simultaneous interval is the 95% one, as a symmetric normal interval.
+    gap = base.gaps[0]
+    low, high = row["intervals"][0]
+    assert high - low == pytest.approx(gap.ci_high - gap.ci_low) and (low + high) / 2 == pytest.approx(0.4)
     with pytest.raises(IllusionProbeError, match="at least one seed"):
         seed_agreement({})
 

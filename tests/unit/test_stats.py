@@ -113,3 +113,16 @@ def test_holm_matches_the_step_down_definition() -> None:
     # family of 4: 0.01*4 = 0.04; 0.03*3 = 0.09; 0.04*2 = 0.08 -> raised to 0.09 (monotone); 0.5*1 = 0.5
     assert adjusted[0] == pytest.approx(0.04) and adjusted[2] == pytest.approx(0.09)
     assert adjusted[1] == pytest.approx(0.09) and adjusted[4] == pytest.approx(0.5) and np.isnan(adjusted[3])
+
+
+def test_simultaneous_intervals_widen_with_the_family_and_cover_jointly() -> None:
+    # Normal estimates with standard error 1: the 95% interval is +-1.96; across 20 cells Bonferroni needs +-3.02.
+    low, high = stats.simultaneous_interval(0.0, -1.959964, 1.959964, family_size=1)
+    assert (low, high) == pytest.approx((-1.959964, 1.959964), abs=1e-6)
+    low, high = stats.simultaneous_interval(0.5, 0.5 - 1.959964, 0.5 + 1.959964, family_size=20)
+    assert (low, high) == pytest.approx((0.5 - 3.023341, 0.5 + 3.023341), abs=1e-5)
+    generator = np.random.default_rng(0)  # 20 true zeros, 2,000 repetitions: all covered in at least 95%
+    draws = generator.standard_normal((2000, 20))
+    half = stats.simultaneous_interval(0.0, -1.959964, 1.959964, family_size=20)[1]
+    assert (np.abs(draws) <= half).all(axis=1).mean() >= 0.94
+    assert all(math.isnan(v) for v in stats.simultaneous_interval(0.1, float("nan"), 0.2, family_size=3))
