@@ -152,6 +152,7 @@ class Results:
         object.__setattr__(self, "gaps", tuple(self.gaps))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         object.__setattr__(self, "control_records", tuple(self.control_records))
+        object.__setattr__(self, "_positions", {})  # field -> value -> record indices, built by select on demand
 
     def __len__(self) -> int:
         return len(self.records)
@@ -170,7 +171,25 @@ class Results:
         unknown = set(criteria) - names
         if unknown:
             raise IllusionProbeError(f"Results.select: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
-        return [r for r in self.records if all(getattr(r, k) == v for k, v in criteria.items())]
+        if not criteria:
+            return list(self.records)
+        try:
+            narrowest = min((self._index(name).get(value, ()) for name, value in criteria.items()), key=len)
+        except TypeError:  # an unhashable criterion
+            raise IllusionProbeError(f"Results.select: every criterion must be one value (a str, number or None), "
+                                     f"got {criteria}") from None
+        found = (self.records[i] for i in narrowest)
+        return [r for r in found if all(getattr(r, k) == v for k, v in criteria.items())]
+
+    def _index(self, name: str) -> dict[Any, list[int]]:
+        """Indices of the records holding each value of field ``name`` (a report selects thousands of times)."""
+        positions: dict[str, dict[Any, list[int]]] = self._positions  # type: ignore[attr-defined]
+        if name not in positions:
+            index: dict[Any, list[int]] = {}
+            for i, record in enumerate(self.records):
+                index.setdefault(getattr(record, name), []).append(i)
+            positions[name] = index
+        return positions[name]
 
     @property
     def splits(self) -> list[str]:

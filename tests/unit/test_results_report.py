@@ -80,6 +80,19 @@ def test_empty_results_refused(tmp_path) -> None:
         render_report(Results())
 
 
+def test_select_equals_a_scan_of_every_record() -> None:
+    results = _results()
+    criteria = [{}, {"split": "test"}, {"metric": "kl", "split": "ood_deeper"}, {"size": None}, {"size": 2.0},
+                {"proxy": "onehot@p", "metric": "acc_proxy", "category": "all"}, {"split": "nowhere"},
+                {"value": float("nan")}, {"ci_low": float("nan")}]
+    for wanted in criteria:
+        scan = [r for r in results.records if all(getattr(r, k) == v for k, v in wanted.items())]
+        assert results.select(**wanted) == scan, wanted
+    with pytest.raises(IllusionProbeError, match="one value") as info:
+        results.select(split=["test", "train"])
+    assert "\n" not in str(info.value)
+
+
 def test_csv_has_every_record() -> None:
     rows = list(csv.DictReader(io.StringIO(_results().to_csv())))
     assert len(rows) == len(_results().records) and rows[0]["metric"] == "agreement"
