@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from illusion_probe.artifacts import atomic_write_text, read_json, write_json
@@ -152,6 +153,7 @@ class Results:
         object.__setattr__(self, "gaps", tuple(self.gaps))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         object.__setattr__(self, "control_records", tuple(self.control_records))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))  # read-only: derive with with_meta
         object.__setattr__(self, "_positions", {})  # field -> value -> record indices, built by select on demand
 
     def __len__(self) -> int:

@@ -93,6 +93,14 @@ def test_select_equals_a_scan_of_every_record() -> None:
     assert "\n" not in str(info.value)
 
 
+def test_meta_is_read_only_and_with_meta_derives_a_copy() -> None:
+    results = _results()
+    with pytest.raises(TypeError):
+        results.meta["seed"] = 1  # type: ignore[index]
+    derived = results.with_meta(seed=1, note="x")
+    assert (results.meta["seed"], derived.meta["seed"], derived.meta["note"]) == (0, 1, "x")
+
+
 def test_csv_has_every_record() -> None:
     rows = list(csv.DictReader(io.StringIO(_results().to_csv())))
     assert len(rows) == len(_results().records) and rows[0]["metric"] == "agreement"
