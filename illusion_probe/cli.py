@@ -183,7 +183,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _add_run_options(parser: argparse.ArgumentParser, tasks: list[str]) -> None:
     parser.add_argument("task", choices=tasks, help="which study to run")
-    parser.add_argument("--preset", default="quick", help="shipped preset: tiny (smoke test), quick (CPU minutes), paper")
+    parser.add_argument("--preset", default="quick", help="shipped preset: tiny (smoke test), quick (CPU minutes), medium (code: 2,000 windows a split), paper")
     parser.add_argument("--config", default=None, metavar="PATH",
                         help="a TOML file whose tables ([task], [model], [train], [proxies], [evaluation], "
                              "[projection]) replace the preset's settings")

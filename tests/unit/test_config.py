@@ -10,7 +10,7 @@ from illusion_probe.study import load_study
 
 
 def test_presets_live_once_as_toml() -> None:
-    assert preset_names("dyck") == ["paper", "quick", "quick_long", "tiny"] and preset_names("code") == ["paper", "quick", "tiny"]
+    assert preset_names("dyck") == ["paper", "quick", "quick_long", "tiny"] and preset_names("code") == ["medium", "paper", "quick", "tiny"]
     study = load_study("dyck", "quick")
     assert study.task == ip.DyckConfig.preset("quick") and study.task_kind == "dyck"
     assert isinstance(study.build_task(), ip.DyckTask)
