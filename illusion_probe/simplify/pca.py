@@ -38,6 +38,7 @@ class PCA(FittedSimplifier):
 
     method: ClassVar[str] = "pca"
     size_option: ClassVar[str | None] = "rank"
+    checks_finite: ClassVar[bool] = True  # the Gram matrix of a batch with NaN or inf is not finite either
 
     def __init__(self, rank: int, center: bool = True, per_head: bool | None = None):
         super().__init__(per_head)
@@ -67,8 +68,6 @@ class PCA(FittedSimplifier):
 
     def start(self, shape: tuple[int, int], device: torch.device) -> None:
         self._moments = Moments(shape, device)
-
-    checks_finite = True  # the Gram matrix of a batch with NaN or inf is not finite either
 
     def accumulate(self, x: Tensor) -> None:
         require(self._moments.add(x), self._not_finite())
